@@ -1,0 +1,39 @@
+# The two commands of the quick start: `make serve` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 50051
+BUNDLE ?= bundles/demo
+DEMO_DATA ?= data/synthetic
+
+.PHONY: install test serve demo-bundle bench-quality clean
+
+# venv + editable install with test extras; re-run when pyproject.toml changes.
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+test: install
+	$(BIN)/python -m pytest
+
+# The demo bundle: synthetic sample -> item vectors, FAISS, semantic IDs -> SFT (under 2 minutes).
+$(BUNDLE)/manifest.json: | install
+	$(BIN)/genrec data synth --out $(DEMO_DATA)
+	$(BIN)/genrec build --data $(DEMO_DATA) --out $(BUNDLE) --preset demo
+	$(BIN)/genrec train sft --bundle $(BUNDLE) --data $(DEMO_DATA) --preset demo
+
+demo-bundle: $(BUNDLE)/manifest.json
+
+serve: install demo-bundle
+	$(BIN)/genrec serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
+
+bench-quality: install
+	$(BIN)/python benchmarks/quality.py --data ../shared/data/amazon-beauty
+
+clean:
+	rm -rf $(VENV) bundles runs results $(DEMO_DATA)

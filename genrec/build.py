@@ -1,0 +1,57 @@
+"""`genrec build`: dataset -> item vectors -> FAISS index -> semantic IDs -> a new bundle."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from genrec.bundle import write_bundle, write_catalog
+from genrec.config import Preset
+from genrec.data import load_dataset
+from models.embedder import TextEmbedder
+from models.semantic_ids import PrefixTrie, build_semantic_ids
+
+
+def build_index(vectors: np.ndarray, factory: str) -> faiss.Index:
+    """Inner product on unit vectors (= cosine); rows of the index are catalog rows."""
+    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
+    if not index.is_trained:
+        index.train(vectors)
+    index.add(vectors)
+    return index
+
+
+def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name: str, log=print) -> dict:
+    t0 = time.time()
+    ds = load_dataset(data)
+    log(f"dataset {ds.name}: {len(ds.catalog)} items, {len(ds.users)} users, {ds.n_interactions} interactions")
+    embedder = TextEmbedder(preset.embedder)
+    vectors = embedder.encode([it.text for it in ds.catalog.items], progress=True)
+    log(f"embedded {len(vectors)} items -> {vectors.shape[1]} dims in {time.time() - t0:.1f}s")
+    sids = build_semantic_ids(vectors, preset.semantic_ids)
+    PrefixTrie(sids.codes, sids.vocab_sizes)  # raises if the map is not a bijection
+    stats = sids.stats()
+    util = ", ".join(f"L{i + 1} {u:.1%}" for i, u in enumerate(stats["utilisation"]))
+    log(f"semantic IDs: utilisation {util}; collision rate {stats['collision_rate']:.2%} "
+        f"(largest group {stats['largest_collision_group']}); vocab sizes {list(sids.vocab_sizes)}")
+    index = build_index(vectors, preset.index.factory)
+    manifest = {
+        "name": Path(out).name, "version": 1, "preset_name": preset_name, "preset": preset.model_dump(),
+        "dataset": {"name": ds.name, "path": str(Path(data).resolve()), "items": len(ds.catalog),
+                    "users": len(ds.users), "interactions": ds.n_interactions},
+        "embedder": {"dim": int(vectors.shape[1]), **preset.embedder.model_dump()},
+        "semantic_ids": {**stats, "vocab_sizes": list(sids.vocab_sizes)},
+    }
+    writers = {
+        "catalog.jsonl": lambda p: write_catalog(p, ds.catalog),
+        "item_vectors.npy": lambda p: np.save(p, vectors),
+        "index.faiss": lambda p: faiss.write_index(index, str(p)),
+        "semantic_ids.npz": lambda p: np.savez(open(p, "wb"), codes=sids.codes, codebooks=sids.codebooks,
+                                               vocab_sizes=np.array(sids.vocab_sizes)),
+    }
+    manifest = write_bundle(out, manifest, writers)
+    log(f"bundle written to {out} in {time.time() - t0:.1f}s")
+    return manifest

@@ -1,0 +1,98 @@
+"""Typed, frozen configuration, validated once at the edge. Presets (model sizes, recipes) are YAML data files."""
+
+from __future__ import annotations
+
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class EmbedderConfig(Frozen):
+    backbone: str = Field("minilm", description="'minilm' (the packaged all-MiniLM-L6-v2) or a local model directory")
+    pooling: Literal["mean", "last"] = Field("mean", description="mean for encoders, last-token for causal LMs")
+    max_length: int = Field(64, ge=8, le=8192, description="tokens per text; longer texts are truncated")
+    batch_size: int = Field(128, ge=1, le=4096, description="texts per forward pass")
+
+
+class SemanticIdConfig(Frozen):
+    levels: int = Field(3, ge=1, le=8, description="residual k-means levels (a collision code is added after them)")
+    codebook_size: int = Field(256, ge=2, le=4096, description="codes per level")
+    kmeans_iters: int = Field(25, ge=1, le=500, description="k-means iterations per level")
+    unique_last_level: bool = Field(
+        True, description="assign the last level by a greedy one-item-per-code matching inside each prefix, so "
+        "items collide only when a prefix holds more items than codes")
+    seed: int = Field(0, description="k-means seed")
+
+
+class IndexConfig(Frozen):
+    factory: str = Field("Flat", description="FAISS factory string (inner product on normalised vectors)")
+
+
+class RecommenderConfig(Frozen):
+    d_model: int = Field(128, ge=8, le=4096, description="hidden size")
+    n_heads: int = Field(4, ge=1, le=64, description="attention heads (must divide d_model)")
+    n_layers: int = Field(2, ge=1, le=48, description="layers of the causal history encoder (one position per item)")
+    n_code_layers: int = Field(2, ge=1, le=16, description="layers of the code decoder (one position per SID code)")
+    dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on embeddings, attention outputs and MLPs")
+    max_history: int = Field(20, ge=1, le=512, description="most recent items the model sees")
+
+
+class TrainConfig(Frozen):
+    batch_size: int = Field(256, ge=1, le=65536, description="training windows per step (global, over all ranks)")
+    lr: float = Field(2e-3, gt=0, le=1.0, description="peak AdamW learning rate")
+    weight_decay: float = Field(0.05, ge=0, le=1.0, description="AdamW weight decay")
+    warmup_steps: int = Field(200, ge=0, description="linear warm-up steps")
+    max_epochs: int = Field(200, ge=1, description="stop after this many epochs")
+    max_minutes: float = Field(45.0, gt=0, description="stop after this much wall time (a budget, not a goal)")
+    eval_every: int = Field(1, ge=1, description="evaluate on the full validation split every N epochs")
+    patience: int = Field(6, ge=1, description="early stop after N evaluations without a better validation NDCG@10")
+    checkpoint_every: int = Field(500, ge=1, description="write a resumable checkpoint every N steps")
+    beam_width: int = Field(20, ge=1, le=1024, description="beam width for validation decoding")
+    seed: int = Field(0, description="seed for initialisation, data order and dropout")
+
+
+class SASRecConfig(Frozen):
+    d_model: int = Field(64, ge=8, le=4096, description="hidden size")
+    n_heads: int = Field(2, ge=1, le=64, description="attention heads")
+    n_layers: int = Field(2, ge=1, le=48, description="transformer layers")
+    dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout")
+    max_history: int = Field(20, ge=1, le=512, description="most recent items the model sees")
+
+
+class Preset(Frozen):
+    """One named bundle recipe: how to embed, quantize, index, and train."""
+
+    embedder: EmbedderConfig = EmbedderConfig()
+    semantic_ids: SemanticIdConfig = SemanticIdConfig()
+    index: IndexConfig = IndexConfig()
+    recommender: RecommenderConfig = RecommenderConfig()
+    sft: TrainConfig = TrainConfig()
+    sasrec: SASRecConfig = SASRecConfig()
+    sasrec_train: TrainConfig = TrainConfig(lr=1e-3, max_minutes=10.0, patience=4)
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("genrec.presets").iterdir()
+                  if p.name.endswith(".yaml"))
+
+
+def load_preset(name_or_path: str) -> Preset:
+    """A shipped preset by name (see preset_names()) or a YAML file path."""
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") and path.exists():
+        text = path.read_text()
+    elif name_or_path in preset_names():
+        text = resources.files("genrec.presets").joinpath(f"{name_or_path}.yaml").read_text()
+    else:
+        raise ValueError(f"unknown preset {name_or_path!r}: use one of {preset_names()} or a path to a YAML file")
+    try:
+        return Preset.model_validate(yaml.safe_load(text) or {})
+    except ValidationError as e:
+        raise ValueError(f"invalid preset {name_or_path!r}:\n{e}") from None

@@ -1,0 +1,250 @@
+"""Datasets in the genrec folder format, validated on read, with leave-one-out splits (TIGER / P5 protocol).
+
+A dataset folder holds:
+  items.jsonl           one item a line: {"item_id": int, "title": str, "categories": [[...path...]] | [...],
+                        "genres": [...], "text": str, "image": path}  (only item_id is required)
+  sequential_data.txt   one user a line: `user_id item_id item_id ...`, items in time order
+  or interactions.csv   `user,item,timestamp` rows (a header row is allowed), ordered by timestamp per user
+"""
+
+from __future__ import annotations
+
+import csv
+import html
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MAX_HISTORY = 20
+
+
+class DatasetError(ValueError):
+    """Bad input in a dataset file: the message names the file, the line and the fix."""
+
+    def __init__(self, path: Path | str, line: int | None, problem: str, fix: str):
+        where = f"{path}:{line}" if line is not None else str(path)
+        super().__init__(f"{where}: {problem}. Fix: {fix}")
+
+
+@dataclass(frozen=True)
+class Item:
+    item_id: int
+    title: str
+    categories: tuple[str, ...]  # the first category path, root first
+    text: str  # what the embedder reads: title (HTML-unescaped) + category path
+    image: str | None = None
+
+
+@dataclass
+class Catalog:
+    """Items in a fixed order; `index[item_id]` is the row of an item in every per-item array."""
+
+    items: list[Item]
+    index: dict[int, int] = field(init=False)
+
+    def __post_init__(self):
+        self.index = {it.item_id: i for i, it in enumerate(self.items)}
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def ids(self) -> np.ndarray:
+        return np.array([it.item_id for it in self.items], dtype=np.int64)
+
+    def rows(self, item_ids) -> np.ndarray:
+        """Rows of known item ids; raises KeyError naming the unknown ones."""
+        unknown = [i for i in item_ids if i not in self.index]
+        if unknown:
+            raise KeyError(f"unknown item ids: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
+        return np.array([self.index[i] for i in item_ids], dtype=np.int64)
+
+
+def _category_path(record: dict) -> tuple[str, ...]:
+    cats = record.get("categories") or record.get("genres") or []
+    if cats and isinstance(cats[0], list):  # Amazon: a list of paths; the first is the main one
+        cats = cats[0]
+    return tuple(str(c) for c in cats)
+
+
+def item_text(title: str, categories: tuple[str, ...], extra: str = "") -> str:
+    parts = [title] if title else []
+    if categories:
+        parts.append(" > ".join(categories))
+    if extra:
+        parts.append(extra)
+    return " | ".join(parts)
+
+
+def read_items(path: Path) -> Catalog:
+    items, seen = [], set()
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DatasetError(path, n, f"not valid JSON ({e.msg})", "write one JSON object per line") from None
+            if not isinstance(rec, dict) or "item_id" not in rec:
+                raise DatasetError(path, n, "no 'item_id' field", 'give every item an integer "item_id"')
+            try:
+                item_id = int(rec["item_id"])
+            except (TypeError, ValueError):
+                raise DatasetError(path, n, f"item_id {rec['item_id']!r} is not an integer",
+                                   "use non-negative integer item ids") from None
+            if item_id < 0:
+                raise DatasetError(path, n, f"item_id {item_id} is negative", "use non-negative integer item ids")
+            if item_id in seen:
+                raise DatasetError(path, n, f"item_id {item_id} appears twice", "keep one record per item")
+            seen.add(item_id)
+            cats = _category_path(rec)
+            title = html.unescape(str(rec.get("title") or "")).strip()
+            extra = html.unescape(str(rec.get("text") or "")).strip()
+            if not title:  # 7 Beauty items have no title: fall back to the category path, then the ASIN
+                title = " ".join(cats[-2:]) if cats else str(rec.get("asin") or f"item {item_id}")
+            items.append(Item(item_id, title, cats, item_text(title, cats, extra), rec.get("image")))
+    if not items:
+        raise DatasetError(path, None, "no items", "add at least one item record")
+    return Catalog(items)
+
+
+def _read_sequences_txt(path: Path, catalog: Catalog) -> dict[int, list[int]]:
+    users: dict[int, list[int]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            tokens = line.split()
+            if not tokens:
+                continue
+            try:
+                ids = [int(t) for t in tokens]
+            except ValueError:
+                bad = next(t for t in tokens if not t.lstrip("-").isdigit())
+                raise DatasetError(path, n, f"token {bad!r} is not an integer id",
+                                   "write `user_id item_id item_id ...` with integer ids separated by spaces") from None
+            user, seq = ids[0], ids[1:]
+            if not seq:
+                raise DatasetError(path, n, f"user {user} has an empty sequence",
+                                   "remove the line or add the user's items after the user id")
+            unknown = [i for i in seq if i not in catalog.index]
+            if unknown:
+                raise DatasetError(path, n, f"unknown item id {unknown[0]} (not in items.jsonl)",
+                                   "add the item to items.jsonl or drop it from the sequence")
+            if user in users:
+                raise DatasetError(path, n, f"user {user} appears twice", "keep one line per user")
+            users[user] = seq
+    return users
+
+
+def _read_interactions_csv(path: Path, catalog: Catalog) -> dict[int, list[int]]:
+    rows: dict[int, list[tuple[float, int, int]]] = {}
+    with open(path, encoding="utf-8", newline="") as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row or (n == 1 and not row[0].strip().lstrip("-").isdigit()):
+                continue  # blank line or header
+            if len(row) < 3:
+                raise DatasetError(path, n, f"expected 3 fields, got {len(row)}", "write `user,item,timestamp` rows")
+            try:
+                user, item, ts = int(row[0]), int(row[1]), float(row[2])
+            except ValueError:
+                raise DatasetError(path, n, f"cannot parse {row[:3]}",
+                                   "user and item must be integers, timestamp a number") from None
+            if item not in catalog.index:
+                raise DatasetError(path, n, f"unknown item id {item} (not in items.jsonl)",
+                                   "add the item to items.jsonl or drop the row")
+            rows.setdefault(user, []).append((ts, n, item))
+    return {u: [item for _, _, item in sorted(r)] for u, r in rows.items()}
+
+
+@dataclass
+class Dataset:
+    """A catalog and per-user item sequences (as catalog rows, time order)."""
+
+    name: str
+    catalog: Catalog
+    users: np.ndarray  # (U,) user ids
+    sequences: list[np.ndarray]  # U arrays of catalog rows
+
+    @property
+    def n_interactions(self) -> int:
+        return sum(len(s) for s in self.sequences)
+
+
+def load_dataset(folder: str | Path) -> Dataset:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DatasetError(folder, None, "not a directory", "pass the dataset folder (with items.jsonl)")
+    items_path = folder / "items.jsonl"
+    if not items_path.exists():
+        raise DatasetError(items_path, None, "missing", "every dataset folder needs items.jsonl")
+    catalog = read_items(items_path)
+    if (folder / "sequential_data.txt").exists():
+        raw = _read_sequences_txt(folder / "sequential_data.txt", catalog)
+    elif (folder / "interactions.csv").exists():
+        raw = _read_interactions_csv(folder / "interactions.csv", catalog)
+    else:
+        raise DatasetError(folder, None, "no interactions file",
+                           "add sequential_data.txt (one user a line) or interactions.csv (user,item,timestamp)")
+    if not raw:
+        raise DatasetError(folder, None, "no user sequences", "add at least one user with items")
+    users = np.array(sorted(raw), dtype=np.int64)
+    sequences = [catalog.rows(raw[u]) for u in users]
+    return Dataset(folder.name, catalog, users, sequences)
+
+
+@dataclass
+class Split:
+    """Evaluation examples: left-padded histories of catalog rows (-1 = padding) and their targets."""
+
+    users: np.ndarray  # (N,)
+    histories: np.ndarray  # (N, MAX_HISTORY) int64, most recent item last, -1 left padding
+    targets: np.ndarray  # (N,)
+
+
+def _pad_left(seqs: list[np.ndarray], length: int) -> np.ndarray:
+    out = np.full((len(seqs), length), -1, dtype=np.int64)
+    for i, s in enumerate(seqs):
+        s = s[-length:]
+        if len(s):
+            out[i, length - len(s):] = s
+    return out
+
+
+def eval_split(ds: Dataset, split: str, max_history: int = MAX_HISTORY) -> Split:
+    """Leave-one-out: test predicts the last item, validation the second to last; users with < 3 items are skipped."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    cut = 1 if split == "test" else 2
+    keep = [i for i, s in enumerate(ds.sequences) if len(s) >= 3]
+    hist = [ds.sequences[i][: len(ds.sequences[i]) - cut] for i in keep]
+    targets = np.array([ds.sequences[i][len(ds.sequences[i]) - cut] for i in keep], dtype=np.int64)
+    return Split(ds.users[keep], _pad_left(hist, max_history), targets)
+
+
+def train_sequences(ds: Dataset) -> list[np.ndarray]:
+    """The training part of every user: all but the last two items (all items for users too short to evaluate)."""
+    return [s[:-2] if len(s) >= 3 else s for s in ds.sequences]
+
+
+def train_windows(seqs: list[np.ndarray], max_history: int = MAX_HISTORY) -> np.ndarray:
+    """Cut training sequences into windows of max_history + 1 items, so every position from the 2nd on is a target
+    once. Returns (W, max_history + 1) left-padded with -1; inputs are [:, :-1] and targets [:, 1:]."""
+    windows = []
+    span = max_history + 1
+    for s in seqs:
+        if len(s) < 2:
+            continue
+        end = len(s)
+        while end >= 2:
+            windows.append(s[max(0, end - span): end])
+            end -= max_history  # the next window's last item is this window's first input
+    return _pad_left(windows, span)
+
+
+def popularity(seqs: list[np.ndarray], n_items: int) -> np.ndarray:
+    counts = np.zeros(n_items, dtype=np.int64)
+    for s in seqs:
+        np.add.at(counts, s, 1)
+    return counts

@@ -1,0 +1,120 @@
+"""Full-catalog evaluation (leave-one-out, Recall/NDCG@5/10) of the recommender and its baselines.
+
+Metrics are computed from the ranked lists that are also written as predictions, so anyone can recompute them.
+A missing or invalid slot (no item, a duplicate) is a miss and counts in the invalid rate.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genrec.atomic import atomic_file
+from genrec.bundle import Bundle
+from genrec.data import Dataset, Split, eval_split, popularity
+from genrec.metrics import hit_ranks, ranking_metrics
+from models.decoding import Trie, beam_search
+from models.recommender import Recommender
+from models.sasrec import SASRec
+
+
+@torch.no_grad()
+def generate_topk(model: Recommender, trie: Trie, histories: np.ndarray, k: int, beam_width: int,
+                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """(N, T) histories -> (N, k) catalog rows and log-probabilities by constrained beam search."""
+    items, scores = [], []
+    for s in range(0, len(histories), batch_size):
+        h = torch.as_tensor(histories[s: s + batch_size])
+        h = h[:, -max(1, int((h >= 0).sum(1).max())):]  # drop columns that are padding for the whole batch
+        rec = beam_search(model, trie, h, beam_width, k)
+        items.append(rec.items.numpy())
+        scores.append(rec.scores.numpy())
+    return np.concatenate(items), np.concatenate(scores)
+
+
+@torch.no_grad()
+def sasrec_topk(model: SASRec, histories: np.ndarray, k: int, batch_size: int = 512) -> np.ndarray:
+    out = []
+    for s in range(0, len(histories), batch_size):
+        h = torch.as_tensor(histories[s: s + batch_size])
+        out.append(model.scores(h).topk(k, dim=1).indices.numpy())
+    return np.concatenate(out)
+
+
+def invalid_rate(topk: np.ndarray) -> float:
+    """Share of the K slots per user that hold no valid, distinct catalog item."""
+    bad = (topk < 0).sum()
+    for row in topk:
+        real = row[row >= 0]
+        bad += len(real) - len(np.unique(real))
+    return float(bad / topk.size) if topk.size else 0.0
+
+
+def recommender_ranks(model: Recommender, trie: Trie, split: Split, beam_width: int, shard=(0, 1)) -> np.ndarray:
+    """Ranks of the targets for one shard of users (used by the trainer's validation)."""
+    rank, world = shard
+    h, t = split.histories[rank::world], split.targets[rank::world]
+    topk, _ = generate_topk(model, trie, h, min(10, beam_width), beam_width)
+    return hit_ranks(topk, t)
+
+
+def sasrec_ranks(model: SASRec, split: Split, shard=(0, 1)) -> np.ndarray:
+    rank, world = shard
+    return hit_ranks(sasrec_topk(model, split.histories[rank::world], 10), split.targets[rank::world])
+
+
+def write_predictions(path: Path, split: Split, topk_rows: np.ndarray, scores: np.ndarray | None,
+                      item_ids: np.ndarray) -> None:
+    with atomic_file(path) as f:
+        for i, user in enumerate(split.users):
+            row = topk_rows[i]
+            rec = {"user": int(user), "target": int(item_ids[split.targets[i]]),
+                   "topk": [int(item_ids[r]) if r >= 0 else None for r in row]}
+            if scores is not None:
+                rec["scores"] = [round(float(s), 5) if np.isfinite(s) else None for s in scores[i]]
+            f.write(json.dumps(rec) + "\n")
+
+
+def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_width: int = 20,
+             predictions: Path | None = None, log=print) -> dict:
+    """Evaluate the bundle's recommender and the baselines on one split; returns the results as a dict."""
+    if [it.item_id for it in ds.catalog.items] != [it.item_id for it in bundle.catalog.items]:
+        raise ValueError(f"dataset {ds.name} does not have the bundle's catalog: evaluate with the dataset the bundle "
+                         "was built from")
+    split = eval_split(ds, split_name)
+    item_ids = bundle.catalog.ids
+    results: dict = {"split": split_name, "users": int(len(split.targets)), "items": len(bundle.catalog),
+                     "decoding": "beam", "beam_width": beam_width, "k": k}
+
+    model = bundle.recommender()
+    trie = Trie.from_prefix_trie(bundle.trie())
+    t0 = time.time()
+    topk, scores = generate_topk(model, trie, split.histories, k, beam_width)
+    elapsed = time.time() - t0
+    metrics = ranking_metrics(topk, split.targets)
+    results.update(metrics)
+    results["invalid_rate"] = invalid_rate(topk)
+    results["decode_seconds"] = round(elapsed, 2)
+    results["users_per_second"] = round(len(topk) / elapsed, 1)
+    if predictions is not None:
+        write_predictions(Path(predictions), split, topk, scores, item_ids)
+
+    cut = 1 if split_name == "test" else 2
+    seen = [s[: len(s) - cut] for s in ds.sequences if len(s) >= 3]
+    counts = popularity(seen, len(bundle.catalog))
+    pop_top = np.argsort(-counts, kind="stable")[:k]
+    baselines = {"popularity": ranking_metrics(np.tile(pop_top, (len(split.targets), 1)), split.targets)}
+    if bundle.has("baselines/sasrec.safetensors"):
+        sas = SASRec.load(bundle.path / "baselines/sasrec.safetensors")
+        baselines["sasrec"] = ranking_metrics(sasrec_topk(sas, split.histories, k), split.targets)
+    results["baselines"] = baselines
+    for name, m in [("genrec", metrics), *baselines.items()]:
+        log(f"{name:>12}: " + "  ".join(f"{key} {val:.4f}" for key, val in m.items()))
+    log(f"{'':>12}  invalid rate {results['invalid_rate']:.4f}, {results['users']} users, "
+        f"{results['users_per_second']} users/s")
+    return results
+

@@ -1,0 +1,34 @@
+"""Top-K ranking metrics for leave-one-out evaluation (one relevant item per user)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def hit_ranks(topk: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """topk (N, K) ranked item ids, targets (N,) -> 0-based rank of the target in its row, or -1 if absent.
+    Padding (-1) and duplicates after the first occurrence never count as a hit."""
+    topk, targets = np.asarray(topk), np.asarray(targets)
+    match = topk == targets[:, None]
+    return np.where(match.any(1), match.argmax(1), -1)
+
+
+def recall_at(ranks: np.ndarray, k: int) -> float:
+    return float(((ranks >= 0) & (ranks < k)).mean()) if len(ranks) else 0.0
+
+
+def ndcg_at(ranks: np.ndarray, k: int) -> float:
+    """With one relevant item the ideal DCG is 1, so NDCG@k = 1 / log2(rank + 2) for a hit within k."""
+    if not len(ranks):
+        return 0.0
+    hit = (ranks >= 0) & (ranks < k)
+    return float(np.where(hit, 1.0 / np.log2(np.clip(ranks, 0, None) + 2.0), 0.0).mean())
+
+
+def ranking_metrics(topk: np.ndarray, targets: np.ndarray, ks=(5, 10)) -> dict[str, float]:
+    ranks = hit_ranks(topk, targets)
+    out = {}
+    for k in ks:
+        out[f"recall@{k}"] = recall_at(ranks, k)
+        out[f"ndcg@{k}"] = ndcg_at(ranks, k)
+    return out

@@ -1,0 +1,141 @@
+"""The generative recommender: next-item semantic-ID generation (TIGER, Rajput et al. 2023), hierarchical layout.
+
+Two stacks share one code-embedding table:
+  history encoder  one position per history item (the sum of its code embeddings), causal, so every position's
+                   state predicts the item after it and one pass trains on all targets of a sequence;
+  code decoder     one position per SID code: [context, c_1, ..., c_{D-1}] -> logits for c_1 .. c_D, causal, with a
+                   KV cache for decoding. Its hidden state at position l summarises the prefix c_<=l (the value
+                   head reads it).
+Output heads are tied to the code embeddings of each level.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from genrec.atomic import atomic_path
+from genrec.config import RecommenderConfig
+from models.layers import Block, KVCache, causal_padding_mask, positions_left_padded
+
+
+class Recommender(nn.Module):
+    def __init__(self, cfg: RecommenderConfig, vocab_sizes: tuple[int, ...], item_codes: torch.Tensor):
+        super().__init__()
+        self.cfg, self.vocab_sizes = cfg, tuple(int(v) for v in vocab_sizes)
+        self.depth = len(self.vocab_sizes)
+        assert item_codes.shape[1] == self.depth, "item_codes must have one column per SID position"
+        d = cfg.d_model
+        offsets = torch.tensor([0, *self.vocab_sizes[:-1]]).cumsum(0)
+        self.register_buffer("code_offset", offsets, persistent=False)  # (D,)
+        self.register_buffer("item_codes", item_codes.long() + offsets, persistent=False)  # (N, D) flat code ids
+        self.code_emb = nn.Embedding(sum(self.vocab_sizes), d)
+        self.item_pos = nn.Embedding(cfg.max_history, d)
+        self.level_pos = nn.Embedding(self.depth, d)
+        self.history = nn.ModuleList(Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
+        self.history_ln = nn.LayerNorm(d)
+        self.context_proj = nn.Linear(d, d)
+        self.decoder = nn.ModuleList(Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_code_layers))
+        self.decoder_ln = nn.LayerNorm(d)
+        self.head_bias = nn.Parameter(torch.zeros(sum(self.vocab_sizes)))
+        self.drop = nn.Dropout(cfg.dropout)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module):
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+
+    # ---- history encoder -------------------------------------------------------------------------------------
+    def encode_history(self, history: torch.Tensor) -> torch.Tensor:
+        """history: (B, T) catalog rows, most recent last, -1 left padding -> states (B, T, d)."""
+        valid = history >= 0
+        codes = self.item_codes[history.clamp_min(0)]  # (B, T, D)
+        x = self.code_emb(codes).sum(2) * valid.unsqueeze(-1)  # (B, T, d)
+        x = self.drop(x + self.item_pos(positions_left_padded(valid)))
+        mask = causal_padding_mask(valid)
+        for block in self.history:
+            x = block(x, mask)
+        return self.history_ln(x)
+
+    def context(self, history: torch.Tensor) -> torch.Tensor:
+        """The state that generates the next item: (B, T) -> (B, d) from the most recent position."""
+        return self.encode_history(history)[:, -1]
+
+    # ---- code decoder ----------------------------------------------------------------------------------------
+    def _decoder_inputs(self, ctx: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """ctx (B, d), prefix (B, l) raw codes -> decoder inputs (B, l + 1, d)."""
+        tokens = [self.context_proj(ctx).unsqueeze(1)]
+        if prefix.shape[1]:
+            tokens.append(self.code_emb(prefix + self.code_offset[: prefix.shape[1]]))
+        x = torch.cat(tokens, 1)
+        return self.drop(x + self.level_pos.weight[: x.shape[1]])
+
+    def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
+        """hidden (..., d) -> logits over the codes of `level` (..., V_level), tied to the code embeddings."""
+        lo, hi = int(self.code_offset[level]), int(self.code_offset[level]) + self.vocab_sizes[level]
+        return hidden @ self.code_emb.weight[lo:hi].T + self.head_bias[lo:hi]
+
+    def decode_all(self, ctx: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
+        """Uncached: ctx (B, d), prefix (B, l) -> decoder states (B, l + 1, d); state j predicts code j."""
+        x = self._decoder_inputs(ctx, prefix)
+        t = x.shape[1]
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        for block in self.decoder:
+            x = block(x, mask)
+        return self.decoder_ln(x)
+
+    def decode_step(self, x_in: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Cached: one new decoder input per row (B, 1, d) -> its state (B, d). Causality comes from the cache."""
+        for i, block in enumerate(self.decoder):
+            x_in = block(x_in, None, cache, i)
+        return self.decoder_ln(x_in)[:, 0]
+
+    def start(self, ctx: torch.Tensor) -> tuple[torch.Tensor, KVCache]:
+        """Begin decoding: ctx (B, d) -> (state for level 0 (B, d), cache)."""
+        cache = KVCache(len(self.decoder))
+        x = self.drop(self.context_proj(ctx).unsqueeze(1) + self.level_pos.weight[0])
+        return self.decode_step(x, cache), cache
+
+    def step(self, code: torch.Tensor, level: int, cache: KVCache) -> torch.Tensor:
+        """Feed code (B,) chosen at `level` -> state predicting level + 1 (B, d)."""
+        x = self.code_emb(code + self.code_offset[level]) + self.level_pos.weight[level + 1]
+        return self.decode_step(self.drop(x).unsqueeze(1), cache)
+
+    # ---- training --------------------------------------------------------------------------------------------
+    def forward(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """windows: (B, T + 1) catalog rows, -1 left padding. Next-item cross-entropy over every SID level, summed
+        over levels and averaged over all valid (history, next item) pairs."""
+        inputs, targets = windows[:, :-1], windows[:, 1:]
+        valid = (inputs >= 0) & (targets >= 0)
+        h = self.encode_history(inputs)[valid]  # (M, d)
+        target_codes = self.item_codes[targets[valid]] - self.code_offset  # (M, D) raw codes
+        states = self.decode_all(h, target_codes[:, :-1])  # (M, D, d)
+        losses = [F.cross_entropy(self.level_logits(states[:, lv], lv), target_codes[:, lv])
+                  for lv in range(self.depth)]
+        return {"loss": torch.stack(losses).sum(), "level_losses": torch.stack(losses).detach(),
+                "pairs": torch.tensor(int(valid.sum()))}
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+    def save(self, path: Path) -> None:
+        """Weights as safetensors, with the config in the file's metadata so one file is the whole model."""
+        meta = {"genrec": json.dumps({"config": self.cfg.model_dump(), "vocab_sizes": list(self.vocab_sizes)})}
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), meta)
+
+    @classmethod
+    def load(cls, path: Path, item_codes: torch.Tensor, device: str = "cpu") -> "Recommender":
+        path = Path(path)
+        with safe_open(str(path), "pt") as f:
+            meta = json.loads(f.metadata()["genrec"])
+        model = cls(RecommenderConfig(**meta["config"]), tuple(meta["vocab_sizes"]), item_codes)
+        model.load_state_dict(load_file(str(path), device=device))
+        return model.to(device).eval()

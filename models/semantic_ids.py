@@ -1,0 +1,133 @@
+"""Semantic IDs: residual k-means (FAISS) over item vectors, a collision code, and the prefix trie (TIGER, RQ-KMeans).
+
+Every item gets a tuple (c_1, ..., c_L, c_dedup). The map items <-> tuples is a bijection, and the trie of all tuples
+constrains decoding so that every generated tuple is a real item.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from genrec.config import SemanticIdConfig
+
+
+@dataclass
+class SemanticIds:
+    codes: np.ndarray  # (N, L + 1) int64: L residual codes and the collision code
+    codebooks: np.ndarray  # (L, K, D) float32 centroids
+    vocab_sizes: tuple[int, ...]  # codes per position: K for each level, then the largest collision group
+
+    @property
+    def n_items(self) -> int:
+        return len(self.codes)
+
+    @property
+    def depth(self) -> int:
+        return self.codes.shape[1]
+
+    def stats(self) -> dict:
+        """Codebook utilisation per level and collisions on the residual codes (before the collision code)."""
+        levels = self.codes.shape[1] - 1
+        _, group = np.unique(self.codes[:, :levels], axis=0, return_counts=True)
+        return {
+            "utilisation": [len(np.unique(self.codes[:, lv])) / self.codebooks.shape[1] for lv in range(levels)],
+            "collision_rate": float(group[group > 1].sum() / self.n_items),
+            "largest_collision_group": int(group.max()),
+            "distinct_prefixes": int(len(group)),
+        }
+
+
+def _unique_assign(residual: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """Greedy one-to-one matching of n <= K items to their nearest free centroids (closest pairs first)."""
+    d = ((residual[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # (n, K)
+    order = np.argsort(d, axis=None, kind="stable")
+    item_of, code_of = np.unravel_index(order, d.shape)
+    assigned = np.full(len(residual), -1)
+    taken = np.zeros(len(centroids), dtype=bool)
+    left = len(residual)
+    for i, c in zip(item_of, code_of):
+        if assigned[i] < 0 and not taken[c]:
+            assigned[i], taken[c] = c, True
+            left -= 1
+            if left == 0:
+                break
+    return assigned
+
+
+def build_semantic_ids(vectors: np.ndarray, cfg: SemanticIdConfig, verbose: bool = False) -> SemanticIds:
+    """Residual k-means: level l clusters the residuals left by levels < l. Returns codes and codebooks."""
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, dim = vectors.shape
+    k = cfg.codebook_size
+    if n < k:
+        raise ValueError(f"{n} items are fewer than codebook_size={k}: lower semantic_ids.codebook_size "
+                         f"to at most {n} (the demo preset uses 32)")
+    residual = vectors.copy()
+    codes = np.zeros((n, cfg.levels + 1), dtype=np.int64)
+    codebooks = np.zeros((cfg.levels, k, dim), dtype=np.float32)
+    for level in range(cfg.levels):
+        km = faiss.Kmeans(dim, k, niter=cfg.kmeans_iters, seed=cfg.seed + level, verbose=verbose,
+                          max_points_per_centroid=100_000, spherical=False)
+        km.train(residual)
+        centroids = km.centroids.copy()
+        _, assign = km.index.search(residual, 1)
+        assign = assign[:, 0].astype(np.int64)
+        if level == cfg.levels - 1 and cfg.unique_last_level and cfg.levels > 1:
+            prefix = codes[:, :level]
+            _, group_of = np.unique(prefix, axis=0, return_inverse=True)
+            for g in np.unique(group_of):
+                members = np.flatnonzero(group_of == g)
+                if len(members) > 1 and len(members) <= k:
+                    assign[members] = _unique_assign(residual[members], centroids)
+        codes[:, level] = assign
+        codebooks[level] = centroids
+        residual -= centroids[assign]
+    # Collision code: the rank of an item inside its group of identical residual codes.
+    _, group_of = np.unique(codes[:, : cfg.levels], axis=0, return_inverse=True)
+    order = np.argsort(group_of, kind="stable")
+    sorted_groups = group_of[order]
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_groups)) + 1]
+    rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
+    codes[order, cfg.levels] = rank
+    vocab = tuple([k] * cfg.levels + [int(rank.max()) + 1])
+    return SemanticIds(codes, codebooks, vocab)
+
+
+class PrefixTrie:
+    """All SID tuples as a trie. Node 0 is the root; a node at depth d < D has children keyed by code.
+
+    Two views of the same tree:
+      - dense `child[node, code]` -> child node id (or item row at the last level), -1 where the code is invalid;
+      - CSR `child_ptr[node] : child_ptr[node + 1]` into `child_code` (sorted), for kernels that walk valid children.
+    """
+
+    def __init__(self, codes: np.ndarray, vocab_sizes: tuple[int, ...]):
+        n, depth = codes.shape
+        self.depth, self.vocab, self.n_items = depth, max(vocab_sizes), n
+        node_of = np.zeros(n, dtype=np.int64)  # each item's prefix node at the current depth (the root first)
+        next_id, edges, node_depth = 1, [], [0]
+        for d in range(depth):
+            if d < depth - 1:  # internal nodes: one per distinct prefix of length d + 1
+                _, first, inv = np.unique(codes[:, : d + 1], axis=0, return_index=True, return_inverse=True)
+                inv = inv.reshape(-1)
+                edges.append((node_of[first], codes[first, d], next_id + np.arange(len(first))))
+                node_of = next_id + inv
+                next_id += len(first)
+                node_depth += [d + 1] * len(first)
+            else:  # leaves: the item rows themselves
+                edges.append((node_of, codes[:, d], np.arange(n)))
+        self.n_nodes = next_id
+        self.node_depth = np.array(node_depth, dtype=np.int64)
+        self.child = np.full((next_id, self.vocab), -1, dtype=np.int64)
+        for parent, code, target in edges:
+            self.child[parent, code] = target
+        if (self.child[edges[-1][0], edges[-1][1]] != edges[-1][2]).any():
+            raise ValueError("two items share one semantic ID: the item <-> SID map is not a bijection")
+        valid = self.child >= 0
+        self.child_ptr = np.r_[0, np.cumsum(valid.sum(1))].astype(np.int64)
+        rows, cols = np.nonzero(valid)  # row-major: grouped by node, codes ascending
+        self.child_code = cols.astype(np.int64)
+        self.child_target = self.child[rows, cols]

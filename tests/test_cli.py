@@ -1,0 +1,35 @@
+"""The CLI validates input: one line that names the problem and the fix, exit status 2, nothing half-written."""
+
+import json
+
+from conftest import run_cli
+
+
+def test_build_with_a_malformed_dataset_fails_cleanly(tmp_path):
+    data = tmp_path / "bad"
+    data.mkdir()
+    (data / "items.jsonl").write_text(json.dumps({"item_id": 1, "title": "a"}) + "\n")
+    (data / "sequential_data.txt").write_text("1 1\n2 1 7\n")
+    out = tmp_path / "bundles" / "x"
+    proc = run_cli("build", "--data", data, "--out", out, "--preset", "tiny", check=False)
+    assert proc.returncode == 2
+    assert "sequential_data.txt:2: unknown item id 7" in proc.stderr and "Fix:" in proc.stderr
+    assert not out.exists() and not list(tmp_path.glob("bundles/.*"))
+
+
+def test_unknown_preset_and_missing_bundle(tmp_path, tiny_data):
+    proc = run_cli("build", "--data", tiny_data, "--out", tmp_path / "b", "--preset", "huge", check=False)
+    assert proc.returncode == 2 and "unknown preset 'huge'" in proc.stderr
+    proc = run_cli("eval", "--bundle", tmp_path / "nope", "--data", tiny_data, check=False)
+    assert proc.returncode == 2 and "genrec build" in proc.stderr
+
+
+def test_eval_writes_json_and_predictions(tmp_path, demo_bundle, demo_data):
+    proc = run_cli("eval", "--bundle", demo_bundle, "--data", demo_data, "--split", "valid", "--json",
+                   tmp_path / "r.json", "--predictions", tmp_path / "p.jsonl")
+    results = json.loads((tmp_path / "r.json").read_text())
+    for key in ("recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate", "users"):
+        assert key in results
+    first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
+    assert set(first) >= {"user", "target", "topk"} and len(first["topk"]) == 10
+    assert "popularity" in proc.stdout

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from genrec.config import SemanticIdConfig
+from models.semantic_ids import PrefixTrie, build_semantic_ids
+
+
+def clustered(n=2000, dim=24, seed=0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(40, dim))
+    x = centers[rng.integers(0, 40, n)] + 0.3 * rng.normal(size=(n, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize("unique_last_level", [True, False])
+def test_codes_are_a_bijection_and_the_trie_holds_every_item(unique_last_level):
+    x = clustered()
+    sid = build_semantic_ids(x, SemanticIdConfig(codebook_size=16, kmeans_iters=10, unique_last_level=unique_last_level))
+    assert len({tuple(c) for c in sid.codes}) == len(x)  # injective, hence a bijection onto its tuples
+    assert all(sid.codes[:, lv].max() < v for lv, v in enumerate(sid.vocab_sizes))
+    trie = PrefixTrie(sid.codes, sid.vocab_sizes)
+    for row in range(len(x)):  # walking an item's codes from the root ends at that item
+        node = 0
+        for code in sid.codes[row]:
+            node = trie.child[node, code]
+        assert node == row
+    # the CSR view lists exactly the valid children of the dense view, codes ascending
+    for node in range(trie.n_nodes):
+        lo, hi = trie.child_ptr[node], trie.child_ptr[node + 1]
+        assert trie.child_code[lo:hi].tolist() == np.flatnonzero(trie.child[node] >= 0).tolist()
+    assert trie.child_ptr[-1] == trie.n_nodes - 1 + len(x)  # one edge into every node but the root, and each leaf
+
+
+def test_unique_last_level_reduces_collisions():
+    x = clustered(3000)
+    plain = build_semantic_ids(x, SemanticIdConfig(codebook_size=16, kmeans_iters=10, unique_last_level=False))
+    unique = build_semantic_ids(x, SemanticIdConfig(codebook_size=16, kmeans_iters=10, unique_last_level=True))
+    assert unique.stats()["collision_rate"] < plain.stats()["collision_rate"]
+    assert unique.stats()["utilisation"][0] == 1.0
+
+
+def test_duplicate_codes_are_rejected():
+    codes = np.array([[0, 1, 0], [0, 1, 0]])
+    with pytest.raises(ValueError, match="not a bijection"):
+        PrefixTrie(codes, (2, 2, 1))
+
+
+def test_too_small_catalog_says_what_to_change():
+    with pytest.raises(ValueError, match="lower semantic_ids.codebook_size"):
+        build_semantic_ids(clustered(10), SemanticIdConfig(codebook_size=16))
