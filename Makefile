@@ -4,7 +4,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
-BUNDLE ?= bundles/demo
+DEMO_BUNDLE := bundles/demo
+BUNDLE ?= $(DEMO_BUNDLE)
 DEMO_DATA ?= data/synthetic
 
 .PHONY: install test serve demo-bundle bench-quality clean
@@ -22,14 +23,16 @@ test: install
 	$(BIN)/python -m pytest
 
 # The demo bundle: synthetic sample -> item vectors, FAISS, semantic IDs -> SFT (under 2 minutes).
-$(BUNDLE)/manifest.json: | install
+# The target is the trained model, so an interrupted build or training is redone, never served half-made.
+$(DEMO_BUNDLE)/recommender.safetensors: | install
 	$(BIN)/genrec data synth --out $(DEMO_DATA)
-	$(BIN)/genrec build --data $(DEMO_DATA) --out $(BUNDLE) --preset demo
-	$(BIN)/genrec train sft --bundle $(BUNDLE) --data $(DEMO_DATA) --preset demo
+	$(BIN)/genrec build --data $(DEMO_DATA) --out $(DEMO_BUNDLE) --preset demo
+	$(BIN)/genrec train sft --bundle $(DEMO_BUNDLE) --data $(DEMO_DATA)
 
-demo-bundle: $(BUNDLE)/manifest.json
+demo-bundle: $(DEMO_BUNDLE)/recommender.safetensors
 
-serve: install demo-bundle
+# Serving another bundle (BUNDLE=...) never triggers the demo build.
+serve: install $(if $(filter $(DEMO_BUNDLE),$(BUNDLE)),demo-bundle)
 	$(BIN)/genrec serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
 
 bench-quality: install

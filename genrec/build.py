@@ -24,6 +24,11 @@ def build_index(vectors: np.ndarray, factory: str) -> faiss.Index:
     return index
 
 
+def _save_npz(path: Path, **arrays) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would otherwise append ".npz" to the name
+        np.savez(f, **arrays)
+
+
 def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name: str, log=print) -> dict:
     t0 = time.time()
     ds = load_dataset(data)
@@ -49,8 +54,8 @@ def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name:
         "catalog.jsonl": lambda p: write_catalog(p, ds.catalog),
         "item_vectors.npy": lambda p: np.save(p, vectors),
         "index.faiss": lambda p: faiss.write_index(index, str(p)),
-        "semantic_ids.npz": lambda p: np.savez(open(p, "wb"), codes=sids.codes, codebooks=sids.codebooks,
-                                               vocab_sizes=np.array(sids.vocab_sizes)),
+        "semantic_ids.npz": lambda p: _save_npz(p, codes=sids.codes, codebooks=sids.codebooks,
+                                                vocab_sizes=np.array(sids.vocab_sizes)),
     }
     manifest = write_bundle(out, manifest, writers)
     log(f"bundle written to {out} in {time.time() - t0:.1f}s")

@@ -42,6 +42,9 @@ class RecommenderConfig(Frozen):
     n_code_layers: int = Field(2, ge=1, le=16, description="layers of the code decoder (one position per SID code)")
     dropout: float = Field(0.2, ge=0.0, lt=1.0, description="dropout on embeddings, attention outputs and MLPs")
     max_history: int = Field(20, ge=1, le=512, description="most recent items the model sees")
+    item_embedding: bool = Field(
+        False, description="add a learned per-item embedding to each history position (input side only; outputs "
+        "stay semantic IDs)")
 
 
 class TrainConfig(Frozen):

@@ -36,6 +36,7 @@ class Recommender(nn.Module):
         self.register_buffer("code_offset", offsets, persistent=False)  # (D,)
         self.register_buffer("item_codes", item_codes.long() + offsets, persistent=False)  # (N, D) flat code ids
         self.code_emb = nn.Embedding(sum(self.vocab_sizes), d)
+        self.item_emb = nn.Embedding(len(item_codes), d) if cfg.item_embedding else None
         self.item_pos = nn.Embedding(cfg.max_history, d)
         self.level_pos = nn.Embedding(self.depth, d)
         self.history = nn.ModuleList(Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
@@ -59,7 +60,10 @@ class Recommender(nn.Module):
         """history: (B, T) catalog rows, most recent last, -1 left padding -> states (B, T, d)."""
         valid = history >= 0
         codes = self.item_codes[history.clamp_min(0)]  # (B, T, D)
-        x = self.code_emb(codes).sum(2) * valid.unsqueeze(-1)  # (B, T, d)
+        x = self.code_emb(codes).sum(2)  # (B, T, d)
+        if self.item_emb is not None:
+            x = x + self.item_emb(history.clamp_min(0))
+        x = x * valid.unsqueeze(-1)
         x = self.drop(x + self.item_pos(positions_left_padded(valid)))
         mask = causal_padding_mask(valid)
         for block in self.history:

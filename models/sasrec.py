@@ -29,7 +29,15 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
-        nn.init.normal_(self.item_emb.weight, std=0.02)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(m: nn.Module):
+        # Small init everywhere: with PyTorch's N(0, 1) default, position embeddings would drown the items.
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(m.weight, std=0.02)
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
 
     def encode(self, history: torch.Tensor) -> torch.Tensor:
         """history (B, T) catalog rows, -1 left padding -> (B, T, d)."""

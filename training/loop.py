@@ -212,7 +212,7 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
             loss = out["loss"].item()
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}")
-            if st.step % log_every == 0:
+            if st.step % log_every == 0 or st.batch_in_epoch == len(batches):
                 record({"step": st.step, "loss": loss, "lr": opt.param_groups[0]["lr"]})
             out_of_time = st.elapsed > cfg.max_minutes * 60 or (max_steps is not None and st.step >= max_steps)
             if d.world > 1:  # every rank must agree to stop
