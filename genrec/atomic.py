@@ -10,25 +10,6 @@ from pathlib import Path
 
 
 @contextlib.contextmanager
-def atomic_file(path: str | Path, mode: str = "w", **kwargs):
-    """Open a temp file beside `path`; on success fsync and rename over `path`, on error delete it."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with open(tmp, mode, **kwargs) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
 def atomic_path(path: str | Path):
     """Yield a temp path beside `path` for a writer that wants a file name (torch.save, faiss, safetensors)."""
     path = Path(path)
@@ -44,6 +25,13 @@ def atomic_path(path: str | Path):
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path, mode: str = "w", **kwargs):
+    """Open a temp file beside `path`; on success it is fsynced and renamed over `path`, on error deleted."""
+    with atomic_path(path) as tmp, open(tmp, mode, **kwargs) as f:
+        yield f
 
 
 @contextlib.contextmanager

@@ -7,6 +7,15 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def init_small(m: nn.Module) -> None:
+    """N(0, 0.02) weights and zero biases everywhere: with PyTorch's N(0, 1) default for embeddings, position
+    embeddings would drown the item embeddings."""
+    if isinstance(m, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(m.weight, std=0.02)
+    if isinstance(m, nn.Linear) and m.bias is not None:
+        nn.init.zeros_(m.bias)
+
+
 class KVCache:
     """Per-layer keys and values, (B, H, T, Dh) each, grown one step at a time; rows can be re-ordered (beams)."""
 

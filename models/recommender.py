@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 
 from genrec.atomic import atomic_path
 from genrec.config import RecommenderConfig
-from models.layers import Block, KVCache, causal_padding_mask, positions_left_padded
+from models.layers import Block, KVCache, causal_padding_mask, init_small, positions_left_padded
 
 
 class Recommender(nn.Module):
@@ -46,14 +46,7 @@ class Recommender(nn.Module):
         self.decoder_ln = nn.LayerNorm(d)
         self.head_bias = nn.Parameter(torch.zeros(sum(self.vocab_sizes)))
         self.drop = nn.Dropout(cfg.dropout)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+        self.apply(init_small)
 
     # ---- history encoder -------------------------------------------------------------------------------------
     def encode_history(self, history: torch.Tensor) -> torch.Tensor:

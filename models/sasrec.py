@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from genrec.atomic import atomic_path
 from genrec.config import SASRecConfig
-from models.layers import Block, causal_padding_mask, positions_left_padded
+from models.layers import Block, causal_padding_mask, init_small, positions_left_padded
 
 
 class SASRec(nn.Module):
@@ -29,15 +29,7 @@ class SASRec(nn.Module):
         self.blocks = nn.ModuleList(Block(d, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_layers))
         self.ln = nn.LayerNorm(d)
         self.drop = nn.Dropout(cfg.dropout)
-        self.apply(self._init)
-
-    @staticmethod
-    def _init(m: nn.Module):
-        # Small init everywhere: with PyTorch's N(0, 1) default, position embeddings would drown the items.
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
+        self.apply(init_small)
 
     def encode(self, history: torch.Tensor) -> torch.Tensor:
         """history (B, T) catalog rows, -1 left padding -> (B, T, d)."""
