@@ -8,7 +8,7 @@ DEMO_BUNDLE := bundles/demo
 BUNDLE ?= $(DEMO_BUNDLE)
 DEMO_DATA ?= data/synthetic
 
-.PHONY: install test serve demo-bundle bench-quality clean
+.PHONY: install test serve demo-bundle bench-quality bench-load clean
 
 # venv + editable install with test extras; re-run when pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -37,6 +37,9 @@ serve: install $(if $(filter $(DEMO_BUNDLE),$(BUNDLE)),demo-bundle)
 
 bench-quality: install
 	$(BIN)/python benchmarks/quality.py --data ../shared/data/amazon-beauty
+
+bench-load: install demo-bundle
+	$(BIN)/python benchmarks/load.py --bundle $(BUNDLE)
 
 clean:
 	rm -rf $(VENV) bundles runs results $(DEMO_DATA)

@@ -154,3 +154,10 @@ def info(bundle: BundlePath):
 
     typer.echo(json.dumps(read_manifest(bundle), indent=2))
 
+
+
+# Serving lives in server/; its commands import grpc only when they run, so `genrec --help` stays fast.
+from server.cli import query_app, serve  # noqa: E402
+
+app.command("serve")(serve)
+app.add_typer(query_app, name="query")

@@ -1,0 +1,206 @@
+"""`genrec serve` and `genrec query ...`: each command parses its options, builds a typed config or request, calls.
+
+genrec/cli.py registers them:  app.command("serve")(serve)  and  app.add_typer(query_app, name="query").
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from server.config import BatchingConfig, ServerConfig
+
+
+_S, _B = ServerConfig.model_fields, BatchingConfig.model_fields
+
+
+def serve(
+    bundle: Annotated[Path, typer.Option(help=_S["bundle"].description)],
+    host: Annotated[str, typer.Option(help=_S["host"].description)] = _S["host"].default,
+    port: Annotated[int, typer.Option(min=0, max=65535, help=_S["port"].description)] = _S["port"].default,
+    metrics_port: Annotated[int, typer.Option(
+        min=-1, max=65535, help="Prometheus /metrics HTTP port; 0 picks a free one, -1 turns it off")] = 9090,
+    max_batch_size: Annotated[int, typer.Option(min=1, help=_B["max_batch_size"].description)] = (
+        _B["max_batch_size"].default),
+    max_wait_ms: Annotated[float, typer.Option(min=0.0, help=_B["max_wait_ms"].description)] = (
+        _B["max_wait_ms"].default),
+    max_queue: Annotated[int, typer.Option(min=1, help=_B["max_queue"].description)] = _B["max_queue"].default,
+    max_concurrent_rpcs: Annotated[int, typer.Option(min=1, help=_S["max_concurrent_rpcs"].description)] = (
+        _S["max_concurrent_rpcs"].default),
+    device: Annotated[str, typer.Option(help=_S["device"].description)] = _S["device"].default,
+    grace_s: Annotated[float, typer.Option(min=0.0, help=_S["grace_s"].description)] = _S["grace_s"].default,
+    auth_token: Annotated[Optional[str], typer.Option(
+        envvar="GENREC_AUTH_TOKEN", show_default=False,
+        help=_S["auth_token"].description + " (prefer the GENREC_AUTH_TOKEN env var: argv is visible to ps)")] = None,
+    tls_cert: Annotated[Optional[Path], typer.Option(help=_S["tls_cert"].description)] = None,
+    tls_key: Annotated[Optional[Path], typer.Option(help=_S["tls_key"].description)] = None,
+    log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+):
+    """Serve a bundle over gRPC (genrec.v1 Recommend, Embed, Search, Info, Admin; health; reflection).
+
+    SIGTERM/SIGINT stop gracefully (in-flight requests finish); SIGHUP reloads the bundle from its path."""
+    from pydantic import ValidationError
+
+    from genrec.bundle import BundleError
+    from server.app import create_server, serve_until_signalled
+
+    logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked, at INFO
+    try:
+        config = ServerConfig(
+            bundle=bundle, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
+            batching=BatchingConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue),
+            max_concurrent_rpcs=max_concurrent_rpcs, device=device, grace_s=grace_s, auth_token=auth_token, tls_cert=tls_cert,
+            tls_key=tls_key)
+        server, bound = create_server(config)
+    except (ValidationError, BundleError, OSError) as e:
+        typer.echo(f"error: {e}", err=True)
+        raise typer.Exit(2) from None
+    typer.echo(f"genrec.v1 on {host}:{bound}", err=True)
+    serve_until_signalled(server)
+
+
+# ---- genrec query ------------------------------------------------------------------------------------------
+query_app = typer.Typer(no_args_is_help=True, help="Call a running genrec server (prints the response as JSON).")
+
+Target = Annotated[str, typer.Option(envvar="GENREC_TARGET", help="server address host:port")]
+Token = Annotated[Optional[str], typer.Option(envvar="GENREC_AUTH_TOKEN", show_default=False,
+                                              help="bearer token, when the server requires one")]
+TlsCa = Annotated[Optional[Path], typer.Option(help="PEM root certificates to trust; turns TLS on")]
+Timeout = Annotated[float, typer.Option(min=0.001, help="deadline of the call in seconds")]
+K = Annotated[int, typer.Option("-k", "--k", min=1, help="items to return")]
+
+
+class Decoding(str, Enum):
+    beam = "beam"
+    ved = "ved"
+    sample = "sample"
+
+
+class RoleName(str, Enum):
+    query = "query"
+    document = "document"
+
+
+def _call(fn):
+    """Print the response as JSON; an RPC error ends the command with its status (exit 2 for bad input)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        import grpc
+        from google.protobuf.json_format import MessageToJson
+
+        try:
+            response = fn(*args, **kwargs)
+        except grpc.RpcError as e:
+            typer.echo(f"error: {e.code().name}: {e.details()}", err=True)
+            raise typer.Exit(2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1) from None
+        typer.echo(MessageToJson(response, preserving_proto_field_name=True, indent=2))
+
+    return wrapper
+
+
+def _stubs(target: str, token: str | None, tls_ca: Path | None):
+    from server.client import Stubs, open_channel
+
+    return Stubs.of(open_channel(target, token, tls_ca))
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of integer item ids, e.g. 12,7,33") from None
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise typer.BadParameter(f"{text!r} is not a comma-separated list of numbers") from None
+
+
+@query_app.command("recommend")
+@_call
+def recommend(
+    items: Annotated[str, typer.Option(help="the user's history: item ids, oldest first, e.g. 12,7,33")],
+    k: K = 10,
+    decoding: Annotated[Decoding, typer.Option(help="decoding strategy")] = Decoding.beam,
+    beam_width: Annotated[int, typer.Option(min=0, help="beam width (>= k); 0 = the server default")] = 0,
+    exclude_seen: Annotated[bool, typer.Option(help="never return an item of the history")] = False,
+    target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0,
+):
+    """The next items for a history."""
+    from server.protos import recommend_pb2
+
+    strategy = recommend_pb2.DecodingStrategy.Value(f"DECODING_STRATEGY_{decoding.value.upper()}")
+    request = recommend_pb2.RecommendRequest(
+        history=_ints(items), k=k, exclude_seen=exclude_seen,
+        decoding=recommend_pb2.Decoding(strategy=strategy, beam_width=beam_width))
+    return _stubs(target, token, tls_ca).recommend.Recommend(request, timeout=timeout)
+
+
+@query_app.command("search")
+@_call
+def search(
+    text: Annotated[Optional[str], typer.Option(help="free-text query")] = None,
+    image: Annotated[Optional[Path], typer.Option(help="image file query (needs a VLM backbone)")] = None,
+    vector: Annotated[Optional[str], typer.Option(help="comma-separated vector query")] = None,
+    k: K = 5,
+    target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0,
+):
+    """Nearest catalog items to a text, image or vector."""
+    from server.protos import search_pb2
+
+    given = [x for x in (text, image, vector) if x is not None]
+    if len(given) != 1:
+        raise typer.BadParameter("give exactly one of --text, --image or --vector")
+    if text is not None:
+        request = search_pb2.SearchRequest(text=text, k=k)
+    elif image is not None:
+        request = search_pb2.SearchRequest(image=image.read_bytes(), k=k)
+    else:
+        request = search_pb2.SearchRequest(vector=search_pb2.Vector(values=_floats(vector)), k=k)
+    return _stubs(target, token, tls_ca).search.Search(request, timeout=timeout)
+
+
+@query_app.command("embed")
+@_call
+def embed(
+    text: Annotated[list[str], typer.Option(help="a text to embed; repeat for several")],
+    role: Annotated[RoleName, typer.Option(help="query or document side of retrieval")] = RoleName.query,
+    target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0,
+):
+    """Unit-norm embeddings of texts."""
+    from server.protos import embed_pb2
+
+    request = embed_pb2.EmbedRequest(inputs=[embed_pb2.EmbedInput(text=t) for t in text],
+                                     role=embed_pb2.Role.Value(f"ROLE_{role.value.upper()}"))
+    return _stubs(target, token, tls_ca).embed.Embed(request, timeout=timeout)
+
+
+@query_app.command("info")
+@_call
+def info(target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0):
+    """The served bundle (manifest, versions, limits)."""
+    from server.protos import info_pb2
+
+    return _stubs(target, token, tls_ca).info.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout)
+
+
+@query_app.command("reload")
+@_call
+def reload(
+    bundle: Annotated[Optional[str], typer.Option(help="bundle directory on the server; default: its current one")] = None,
+    target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 300.0,
+):
+    """Hot-swap the served bundle (loaded and warmed before the swap; no request fails)."""
+    from server.protos import info_pb2
+
+    return _stubs(target, token, tls_ca).admin.Reload(info_pb2.ReloadRequest(bundle_path=bundle or ""),
+                                                      timeout=timeout)

@@ -1,0 +1,93 @@
+"""Server configuration: typed, frozen, validated once at the edge (the CLI builds it; create_server reads it)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+
+from genrec.config import Frozen
+
+
+class BatchingConfig(Frozen):
+    """The micro-batching policy of each request queue (Recommend, Embed and Search have one each)."""
+
+    max_batch_size: int = Field(32, ge=1, le=1024, description="requests computed together; 1 turns batching off")
+    max_wait_ms: float = Field(
+        2.0, ge=0.0, le=10_000.0,
+        description="how long the oldest queued request waits for others to fill a batch; 0 = take what is queued")
+    max_queue: int = Field(
+        128, ge=1, le=100_000,
+        description="requests waiting per queue; more are refused with RESOURCE_EXHAUSTED instead of queueing")
+
+
+class LimitsConfig(Frozen):
+    """Input limits; requests beyond them get INVALID_ARGUMENT with the limit in the message."""
+
+    max_k: int = Field(100, ge=1, le=10_000, description="largest k for Recommend and Search")
+    max_beam_width: int = Field(128, ge=1, le=4096, description="largest beam width a client may ask for")
+    max_history_items: int = Field(
+        1000, ge=1, le=1_000_000, description="longest history accepted (the model reads only its last max_history)")
+    max_inputs: int = Field(64, ge=1, le=4096, description="texts/images per Embed request")
+    max_text_chars: int = Field(4096, ge=1, le=1_000_000, description="characters per text")
+    max_image_bytes: int = Field(4 << 20, ge=1, description="bytes per encoded image")
+    max_message_bytes: int = Field(16 << 20, ge=1 << 16, le=1 << 30,
+                                   description="largest gRPC message received or sent")
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.max_beam_width < self.max_k:
+            raise ValueError(f"max_beam_width ({self.max_beam_width}) must be at least max_k ({self.max_k}): "
+                             "beam search needs a beam as wide as k")
+        if self.max_image_bytes >= self.max_message_bytes:
+            raise ValueError(f"max_image_bytes ({self.max_image_bytes}) must be below max_message_bytes "
+                             f"({self.max_message_bytes}), or oversized images never reach validation")
+        return self
+
+
+class ServerConfig(Frozen):
+    """Everything `create_server` needs."""
+
+    bundle: Path = Field(description="bundle directory to serve (see `genrec build` and `genrec train sft`)")
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0 or [::] for all)")
+    port: int = Field(50051, ge=0, le=65535, description="gRPC port; 0 picks a free one")
+    metrics_port: Optional[int] = Field(
+        9090, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one, None turns it off")
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    max_concurrent_rpcs: int = Field(
+        512, ge=1, le=100_000,
+        description="RPCs admitted at once (each holds a thread while queued); gRPC refuses more with "
+                    "RESOURCE_EXHAUSTED")
+    device: str = Field("cpu", description="torch device of the recommender and the embedder: cpu, cuda, cuda:1")
+    grace_s: float = Field(10.0, ge=0.0, le=3600.0,
+                           description="on shutdown, how long in-flight requests may take to finish")
+    auth_token: Optional[SecretStr] = Field(
+        None, description="require `authorization: Bearer TOKEN` on genrec.v1 calls (health and reflection stay open)")
+    tls_cert: Optional[Path] = Field(None, description="PEM certificate chain; with tls_key, serve TLS")
+    tls_key: Optional[Path] = Field(None, description="PEM private key of tls_cert")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        import torch
+
+        try:
+            device = torch.device(value)
+        except RuntimeError:
+            raise ValueError(f"device {value!r} is not a torch device: use cpu or cuda[:N]") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device {value!r}: torch sees no CUDA device here; use cpu")
+        return value
+
+    @model_validator(mode="after")
+    def _tls_pair(self):
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("TLS needs both tls_cert and tls_key (or neither for plaintext)")
+        for path in (self.tls_cert, self.tls_key):
+            if path is not None and not path.is_file():
+                raise ValueError(f"TLS file {path} does not exist")
+        if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
+            raise ValueError("auth_token is empty: give a token, or leave it unset to turn auth off")
+        return self

@@ -1,0 +1,174 @@
+"""The serving mechanism: one loaded bundle and the batched computations the servicers ask of it.
+
+An Engine is immutable once loaded and warmed. Hot swap (server/swap.py) builds a new Engine and replaces the
+reference; every request carries the Engine that validated it, so its catalog rows are computed on the same bundle.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+
+from genrec.bundle import Bundle, BundleError
+from genrec.config import EmbedderConfig
+from models.decoding import Trie, beam_search
+from models.embedder import TextEmbedder
+from server.batching import grouped
+
+Role = Literal["query", "document"]
+
+
+@dataclass(frozen=True)
+class RecommendQuery:
+    history: np.ndarray  # (T,) catalog rows, most recent last, T <= the model's max_history
+    seen: np.ndarray  # (S,) every catalog row of the request's history (exclusion covers all of it)
+    k: int
+    beam_width: int
+    exclude_seen: bool
+
+
+@dataclass(frozen=True)
+class EmbedQuery:
+    texts: tuple[str, ...]
+    role: Role
+
+
+@dataclass(frozen=True)
+class SearchQuery:
+    k: int
+    text: str | None = None
+    vector: np.ndarray | None = None  # (D,) float32, finite
+
+
+@dataclass(frozen=True)
+class Hit:
+    item_id: int
+    score: float
+    title: str
+
+
+class SharedEmbedder:
+    """The text embedder behind a lock: the Embed and Search queues both call it, and a Hugging Face fast tokenizer
+    raises 'Already borrowed' when two threads use it at once. Shared across hot swaps when the config is equal."""
+
+    accepts_images = False  # images arrive with the VLM backbone (issue 6)
+
+    def __init__(self, cfg: EmbedderConfig, device: str = "cpu"):
+        self.cfg, self.device = cfg, device
+        self._model = TextEmbedder(cfg, device)
+        self.dim = self._model.dim
+        self._lock = threading.Lock()
+
+    def encode(self, texts: list[str], role: Role) -> np.ndarray:
+        """(N, D) unit-norm float32. `role` is accepted for prompt-based backbones; MiniLM-style encoders embed
+        queries and documents the same way, so it does not change the computation here."""
+        del role
+        with self._lock:
+            return self._model.encode(texts)
+
+
+class Engine:
+    """A bundle ready to serve: recommender + trie, FAISS index, embedder, catalog."""
+
+    def __init__(self, bundle: Bundle, embedder: SharedEmbedder, device: str = "cpu"):
+        self.bundle, self.embedder, self.device = bundle, embedder, device
+        self.path = bundle.path
+        self.catalog = bundle.catalog
+        self.manifest_bytes = (bundle.path / "manifest.json").read_bytes()
+        self.bundle_id = hashlib.sha256(self.manifest_bytes).hexdigest()[:16]
+        self.version = int(bundle.manifest.get("version", 1))
+        self.dim = int(bundle.item_vectors.shape[1])
+        if embedder.dim != self.dim:
+            raise BundleError(f"{bundle.path}: the embedder makes {embedder.dim}-d vectors but the item vectors are "
+                              f"{self.dim}-d; rebuild the bundle with its embedder")
+        self.model = bundle.recommender(device) if bundle.has("recommender.safetensors") else None
+        self.trie = Trie.from_prefix_trie(bundle.trie(), device) if self.model is not None else None
+        self.max_history = (self.model.cfg if self.model is not None else bundle.preset.recommender).max_history
+        self.default_beam_width = bundle.preset.sft.beam_width  # the width the bundle was validated with
+        self.index = bundle.index()
+        if self.index.ntotal != len(self.catalog):
+            raise BundleError(f"{bundle.path}: the FAISS index holds {self.index.ntotal} vectors for "
+                              f"{len(self.catalog)} items; rebuild the bundle")
+        self.titles = [it.title for it in self.catalog.items]
+        self.loaded_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+    @classmethod
+    def load(cls, path: str | Path, previous: "Engine | None" = None, device: str | None = None) -> "Engine":
+        """Load a bundle onto `device` (default: `previous`'s, else cpu); reuse `previous`'s embedder when the
+        bundle asks for the same one on the same device."""
+        device = device or (previous.device if previous is not None else "cpu")
+        bundle = Bundle.load(path)
+        cfg = bundle.preset.embedder
+        same = previous is not None and previous.embedder.cfg == cfg and previous.embedder.device == device
+        return cls(bundle, previous.embedder if same else SharedEmbedder(cfg, device), device)
+
+    # ---- batched computations (called on batcher worker threads) -------------------------------------------
+    @torch.inference_mode()
+    def recommend(self, queries: list[RecommendQuery]) -> list[list[Hit]]:
+        """One beam search per distinct beam width; k only truncates the sorted beams, so requests with different
+        k share a call and each gets exactly what it would get alone."""
+        assert self.model is not None, "validation must refuse Recommend on a bundle without a recommender"
+        out: list[list[Hit]] = [[] for _ in queries]
+        for idx in grouped(queries, key=lambda q: q.beam_width):
+            group = [queries[i] for i in idx]
+            t = max(len(q.history) for q in group)
+            history = torch.full((len(group), t), -1, dtype=torch.long)  # (B, T) left padding
+            for r, q in enumerate(group):
+                history[r, t - len(q.history):] = torch.as_tensor(q.history)
+            exclude = None
+            if any(q.exclude_seen for q in group):
+                exclude = torch.zeros(len(group), len(self.catalog), dtype=torch.bool)  # (B, N)
+                for r, q in enumerate(group):
+                    if q.exclude_seen:
+                        exclude[r, torch.as_tensor(q.seen)] = True
+                exclude = exclude.to(self.device)
+            # Built on the CPU and moved once: one copy per batch instead of one per request.
+            recs = beam_search(self.model, self.trie, history.to(self.device), group[0].beam_width,
+                               max(q.k for q in group), exclude)
+            for r, (i, q) in enumerate(zip(idx, group)):
+                out[i] = self._hits(recs.items[r, : q.k].tolist(), recs.scores[r, : q.k].tolist())
+        return out
+
+    def embed(self, queries: list[EmbedQuery]) -> list[np.ndarray]:
+        """One encoder call per role over the texts of every request in the batch."""
+        out: list[np.ndarray] = [np.empty((0, self.dim), np.float32)] * len(queries)
+        for idx in grouped(queries, key=lambda q: q.role):
+            texts = [t for i in idx for t in queries[i].texts]
+            vecs = self.embedder.encode(texts, queries[idx[0]].role)  # (sum of texts, D)
+            start = 0
+            for i in idx:
+                n = len(queries[i].texts)
+                out[i], start = vecs[start: start + n], start + n
+        return out
+
+    def search(self, queries: list[SearchQuery]) -> list[list[Hit]]:
+        """Texts are embedded together as queries, then one FAISS search at the largest k serves the batch."""
+        vectors = np.zeros((len(queries), self.dim), dtype=np.float32)  # (B, D)
+        text_rows = [i for i, q in enumerate(queries) if q.text is not None]
+        if text_rows:
+            vectors[text_rows] = self.embedder.encode([queries[i].text for i in text_rows], "query")
+        for i, q in enumerate(queries):
+            if q.vector is not None:
+                vectors[i] = q.vector
+        scores, rows = self.index.search(vectors, max(q.k for q in queries))  # (B, k) each
+        return [self._hits(rows[i, : q.k].tolist(), scores[i, : q.k].tolist()) for i, q in enumerate(queries)]
+
+    def _hits(self, rows: list[int], scores: list[float]) -> list[Hit]:
+        return [Hit(int(self.catalog.items[r].item_id), float(s), self.titles[r]) for r, s in zip(rows, scores)
+                if r >= 0]
+
+    def warm_up(self) -> None:
+        """Run every path once (allocations, lazy inits, first-call overheads) before taking traffic."""
+        if self.model is not None:
+            first = np.zeros(1, dtype=np.int64)
+            k = max(1, min(10, len(self.catalog) - 1))
+            self.recommend([RecommendQuery(first, first, k, max(k, self.default_beam_width), True)])
+        self.embed([EmbedQuery(("warm up",), "query")])
+        self.search([SearchQuery(k=1, text="warm up")])

@@ -1,0 +1,108 @@
+"""The genrec.v1 servicers: validate against the current Engine, queue, wait, build the response. Thin on purpose:
+errors are raised, not aborted, and server/interceptors.py maps them to status codes."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from importlib.metadata import PackageNotFoundError, version
+
+import grpc
+
+from server import validation
+from server.batching import Done, MicroBatcher
+from server.config import LimitsConfig
+from server.engine import Engine
+from server.protos import (common_pb2, embed_pb2, embed_pb2_grpc, info_pb2, info_pb2_grpc, recommend_pb2,
+                           recommend_pb2_grpc, search_pb2, search_pb2_grpc)
+from server.swap import EngineSlot
+
+_NO_DEADLINE = 1e9  # grpc reports "no deadline" as a huge time_remaining
+
+
+def _timeout(context: grpc.ServicerContext) -> float | None:
+    left = context.time_remaining()
+    return None if left is None or left > _NO_DEADLINE else left
+
+
+def _metadata(done: Done, engine: Engine, t0: float) -> common_pb2.ResponseMetadata:
+    timings = common_pb2.Timings(queue_ms=done.queue_s * 1e3, compute_ms=done.compute_s * 1e3,
+                                 total_ms=(time.monotonic() - t0) * 1e3)
+    return common_pb2.ResponseMetadata(timings=timings, batch_size=done.batch_size, bundle_id=engine.bundle_id,
+                                       bundle_version=engine.version)
+
+
+def _items(hits) -> list[common_pb2.ScoredItem]:
+    return [common_pb2.ScoredItem(item_id=h.item_id, score=h.score, title=h.title) for h in hits]
+
+
+class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
+    def __init__(self, slot: EngineSlot, batcher: MicroBatcher, limits: LimitsConfig):
+        self.slot, self.batcher, self.limits = slot, batcher, limits
+
+    def Recommend(self, request, context):
+        t0, engine = time.monotonic(), self.slot.current
+        query = validation.recommend_query(request, engine, self.limits)
+        done = self.batcher.submit((engine, query), _timeout(context), context.add_callback)
+        return recommend_pb2.RecommendResponse(items=_items(done.result), metadata=_metadata(done, engine, t0))
+
+
+class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
+    def __init__(self, slot: EngineSlot, batcher: MicroBatcher, limits: LimitsConfig):
+        self.slot, self.batcher, self.limits = slot, batcher, limits
+
+    def Embed(self, request, context):
+        t0, engine = time.monotonic(), self.slot.current
+        query = validation.embed_query(request, engine, self.limits)
+        done = self.batcher.submit((engine, query), _timeout(context), context.add_callback)
+        vectors = done.result  # (N, D)
+        return embed_pb2.EmbedResponse(embeddings=[embed_pb2.Embedding(values=v) for v in vectors.tolist()],
+                                       dimension=engine.dim, metadata=_metadata(done, engine, t0))
+
+
+class SearchServicer(search_pb2_grpc.SearchServiceServicer):
+    def __init__(self, slot: EngineSlot, batcher: MicroBatcher, limits: LimitsConfig):
+        self.slot, self.batcher, self.limits = slot, batcher, limits
+
+    def Search(self, request, context):
+        t0, engine = time.monotonic(), self.slot.current
+        query = validation.search_query(request, engine, self.limits)
+        done = self.batcher.submit((engine, query), _timeout(context), context.add_callback)
+        return search_pb2.SearchResponse(items=_items(done.result), metadata=_metadata(done, engine, t0))
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for dist in ("genrec", "torch", "faiss-cpu", "faiss-gpu", "transformers", "numpy", "grpcio", "protobuf"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def info_response(engine: Engine, limits: LimitsConfig) -> info_pb2.InfoResponse:
+    strategies = [recommend_pb2.DECODING_STRATEGY_BEAM] if engine.model is not None else []
+    return info_pb2.InfoResponse(
+        bundle_path=str(engine.path), bundle_id=engine.bundle_id, bundle_version=engine.version,
+        manifest_json=json.dumps(json.loads(engine.manifest_bytes)), server_versions=_versions(),
+        catalog_size=len(engine.catalog), embedding_dim=engine.dim, max_history=engine.max_history,
+        max_k=min(limits.max_k, len(engine.catalog)), has_recommender=engine.model is not None,
+        decoding_strategies=strategies, accepts_images=engine.embedder.accepts_images, loaded_at=engine.loaded_at)
+
+
+class InfoServicer(info_pb2_grpc.InfoServiceServicer):
+    def __init__(self, slot: EngineSlot, limits: LimitsConfig):
+        self.slot, self.limits = slot, limits
+
+    def GetInfo(self, request, context):
+        return info_response(self.slot.current, self.limits)
+
+
+class AdminServicer(info_pb2_grpc.AdminServiceServicer):
+    def __init__(self, slot: EngineSlot, limits: LimitsConfig):
+        self.slot, self.limits = slot, limits
+
+    def Reload(self, request, context):
+        return info_response(self.slot.reload(request.bundle_path or None), self.limits)

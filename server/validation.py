@@ -1,0 +1,135 @@
+"""Validation at the boundary: protobuf requests -> typed queries, or InvalidRequest saying what to change.
+
+Everything a batch computes has passed through here, so the model code below can assume well-formed input.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from server.config import LimitsConfig
+from server.engine import EmbedQuery, Engine, RecommendQuery, Role, SearchQuery
+from server.errors import InvalidRequest, NotServed
+from server.protos import embed_pb2, recommend_pb2, search_pb2
+
+_BEAM = recommend_pb2.DECODING_STRATEGY_BEAM
+_SERVED_STRATEGIES = (recommend_pb2.DECODING_STRATEGY_UNSPECIFIED, _BEAM)
+_ROLES: dict[int, Role] = {embed_pb2.ROLE_UNSPECIFIED: "query", embed_pb2.ROLE_QUERY: "query",
+                           embed_pb2.ROLE_DOCUMENT: "document"}
+
+
+def _k(k: int, engine: Engine, limits: LimitsConfig) -> int:
+    top = min(limits.max_k, len(engine.catalog))
+    if not 1 <= k <= top:
+        raise InvalidRequest(f"k={k} is out of range: ask for 1 to {top} items")
+    return k
+
+
+def _strategy_name(value: int) -> str:
+    try:
+        return recommend_pb2.DecodingStrategy.Name(value)
+    except ValueError:
+        return str(value)
+
+
+def recommend_query(req: recommend_pb2.RecommendRequest, engine: Engine, limits: LimitsConfig) -> RecommendQuery:
+    if engine.model is None:
+        raise NotServed(f"bundle {engine.path} has no recommender: run `genrec train sft --bundle {engine.path} "
+                        "--data DATASET` and reload, or use Search/Embed")
+    history = list(req.history)
+    if not history:
+        raise InvalidRequest("history is empty: send at least one item id the user interacted with, most recent last")
+    if len(history) > limits.max_history_items:
+        raise InvalidRequest(f"history has {len(history)} items; send at most the {limits.max_history_items} most "
+                             f"recent (the model reads the last {engine.max_history})")
+    try:
+        rows = engine.catalog.rows(history)
+    except KeyError as e:
+        unknown = e.args[0].removeprefix("unknown item ids: ")
+        raise InvalidRequest(f"history holds item ids that are not in the served catalog: {unknown}; send ids "
+                             f"from the catalog of bundle {engine.bundle_id} ({len(engine.catalog)} items)") from None
+    k = _k(req.k, engine, limits)
+
+    d = req.decoding
+    strategy = d.strategy
+    if strategy not in _SERVED_STRATEGIES:
+        known = strategy in recommend_pb2.DecodingStrategy.values()
+        raise InvalidRequest(f"decoding strategy {_strategy_name(strategy)} is "
+                             f"{'not served yet' if known else 'unknown'}: use DECODING_STRATEGY_BEAM")
+    if d.budget:
+        raise InvalidRequest("decoding.budget applies to DECODING_STRATEGY_VED: for beam search leave it 0 and "
+                             "set decoding.beam_width")
+    if d.temperature:
+        raise InvalidRequest("decoding.temperature applies to DECODING_STRATEGY_SAMPLE: for beam search leave it 0")
+    beam_width = d.beam_width or max(k, engine.default_beam_width)
+    if beam_width < k:
+        raise InvalidRequest(f"decoding.beam_width={beam_width} is smaller than k={k}: use a beam at least as wide "
+                             "as k, or 0 for the server default")
+    if beam_width > limits.max_beam_width:
+        raise InvalidRequest(f"decoding.beam_width={beam_width} is above the limit {limits.max_beam_width}: "
+                             "use a narrower beam")
+    return RecommendQuery(history=rows[-engine.max_history:], seen=rows, k=k, beam_width=beam_width,
+                          exclude_seen=req.exclude_seen)
+
+
+def _text(text: str, where: str, limits: LimitsConfig) -> str:
+    if len(text) > limits.max_text_chars:
+        raise InvalidRequest(f"{where} has {len(text)} characters; the limit is {limits.max_text_chars}: "
+                             "shorten it")
+    if not text.strip():
+        raise InvalidRequest(f"{where} is blank: give it some text")
+    return text
+
+
+def _image(image: bytes, where: str, engine: Engine, limits: LimitsConfig) -> None:
+    """Size first (it applies to every backbone), then whether this backbone reads images at all."""
+    if len(image) > limits.max_image_bytes:
+        raise InvalidRequest(f"{where} has {len(image)} bytes; the limit is {limits.max_image_bytes}: downscale "
+                             "or recompress it")
+    if not engine.embedder.accepts_images:
+        raise InvalidRequest(f"{where} is an image, but this bundle's embedder backbone "
+                             f"({engine.embedder.cfg.backbone}) is text-only and does not accept images: send "
+                             "text, or serve a bundle with a VLM backbone")
+
+
+def embed_query(req: embed_pb2.EmbedRequest, engine: Engine, limits: LimitsConfig) -> EmbedQuery:
+    if not req.inputs:
+        raise InvalidRequest("inputs is empty: send at least one text to embed")
+    if len(req.inputs) > limits.max_inputs:
+        raise InvalidRequest(f"inputs has {len(req.inputs)} entries; send at most {limits.max_inputs} per request")
+    if req.role not in _ROLES:
+        raise InvalidRequest(f"role {req.role} is unknown: use ROLE_QUERY or ROLE_DOCUMENT")
+    texts = []
+    for i, item in enumerate(req.inputs):
+        if item.image:
+            _image(item.image, f"inputs[{i}].image", engine, limits)
+        if not item.text:
+            raise InvalidRequest(f"inputs[{i}] has no text: every input needs a text")
+        texts.append(_text(item.text, f"inputs[{i}].text", limits))
+    return EmbedQuery(tuple(texts), _ROLES[req.role])
+
+
+def search_query(req: search_pb2.SearchRequest, engine: Engine, limits: LimitsConfig) -> SearchQuery:
+    kind = req.WhichOneof("query")
+    k = _k(req.k, engine, limits)
+    if kind is None:
+        raise InvalidRequest("the query is empty: set one of text, image or vector")
+    if kind == "text":
+        return SearchQuery(k=k, text=_text(req.text, "text", limits))
+    if kind == "image":
+        _image(req.image, "image", engine, limits)
+        raise AssertionError("no served embedder accepts images yet, so _image refused it")
+    values = req.vector.values
+    if len(values) != engine.dim:
+        raise InvalidRequest(f"vector has {len(values)} values; this bundle's item vectors have {engine.dim} "
+                             "dimensions (InfoResponse.embedding_dim)")
+    vector = np.asarray(values, dtype=np.float32)
+    bad = np.flatnonzero(~np.isfinite(vector))
+    if len(bad):
+        raise InvalidRequest(f"vector[{bad[0]}] is {vector[bad[0]]}: every value must be a finite number "
+                             f"({len(bad)} are not)")
+    if not math.isfinite(float(np.dot(vector, vector))) or not vector.any():
+        raise InvalidRequest("vector is all zeros or too large to score: send a direction, e.g. a unit vector")
+    return SearchQuery(k=k, vector=vector)
