@@ -1,7 +1,7 @@
 # The genrec server image. CPU by default; `--build-arg BASE=cuda` for a CUDA base with faiss-gpu and onnxruntime-gpu.
 #
 #   docker build -t genrec .
-#   docker build -t genrec:cuda --build-arg BASE=cuda .
+#   docker build -t genrec:cuda --build-arg BASE=cuda --build-arg TORCH_INDEX_URL=<your CUDA 12.8 torch index> .
 #   docker run --rm -p 50051:50051 -p 9090:9090 -v "$PWD/bundles:/bundles:ro" genrec
 #
 # Mount the folder that holds the bundle, not the bundle itself: a new bundle version replaces the directory by
@@ -12,15 +12,13 @@
 ARG BASE=cpu
 
 FROM python:3.11-slim AS base-cpu
-ENV TORCH_INDEX=https://download.pytorch.org/whl/cpu \
-    FAISS_PACKAGE=faiss-cpu \
+ENV FAISS_PACKAGE=faiss-cpu \
     ORT_PACKAGE=onnxruntime
 RUN python -m venv /opt/venv
 
 FROM nvidia/cuda:12.8.1-cudnn-runtime-ubuntu22.04 AS base-cuda
 # The GPU twins replace faiss-cpu and onnxruntime; torch comes from the CUDA wheel index.
-ENV TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
-    FAISS_PACKAGE=faiss-gpu-cu12 \
+ENV FAISS_PACKAGE=faiss-gpu-cu12 \
     ORT_PACKAGE=onnxruntime-gpu
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
@@ -34,8 +32,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HUB_OFFLINE=1
 WORKDIR /app
 
-# torch first and alone: the largest layer, rebuilt only when the pin or the base changes.
-RUN pip install --upgrade pip && pip install --index-url "$TORCH_INDEX" torch==2.13.0
+# torch first and alone: the largest layer, rebuilt only when the pin or the base changes. TORCH_INDEX_URL picks the
+# wheel index of the build you want (CPU-only or a CUDA version); empty uses pip's default index.
+ARG TORCH_INDEX_URL=""
+RUN pip install --upgrade pip \
+    && pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 
 COPY . .
 RUN pip install -e . \
