@@ -45,6 +45,9 @@ class RecommenderConfig(Frozen):
     item_embedding: bool = Field(
         False, description="add a learned per-item embedding to each history position (input side only; outputs "
         "stay semantic IDs)")
+    constrained_loss: bool = Field(
+        False, description="train each level's softmax over the trie-valid children only (the distribution that "
+        "constrained decoding renormalises to)")
 
 
 class TrainConfig(Frozen):

@@ -26,7 +26,8 @@ from models.layers import Block, KVCache, causal_padding_mask, init_small, posit
 
 
 class Recommender(nn.Module):
-    def __init__(self, cfg: RecommenderConfig, vocab_sizes: tuple[int, ...], item_codes: torch.Tensor):
+    def __init__(self, cfg: RecommenderConfig, vocab_sizes: tuple[int, ...], item_codes: torch.Tensor,
+                 trie_child: torch.Tensor | None = None):
         super().__init__()
         self.cfg, self.vocab_sizes = cfg, tuple(int(v) for v in vocab_sizes)
         self.depth = len(self.vocab_sizes)
@@ -35,6 +36,8 @@ class Recommender(nn.Module):
         offsets = torch.tensor([0, *self.vocab_sizes[:-1]]).cumsum(0)
         self.register_buffer("code_offset", offsets, persistent=False)  # (D,)
         self.register_buffer("item_codes", item_codes.long() + offsets, persistent=False)  # (N, D) flat code ids
+        assert trie_child is not None or not cfg.constrained_loss, "constrained_loss needs the trie's child table"
+        self.register_buffer("trie_child", trie_child, persistent=False)  # (n_nodes, V) or None
         self.code_emb = nn.Embedding(sum(self.vocab_sizes), d)
         self.item_emb = nn.Embedding(len(item_codes), d) if cfg.item_embedding else None
         self.item_pos = nn.Embedding(cfg.max_history, d)
@@ -116,8 +119,14 @@ class Recommender(nn.Module):
         h = self.encode_history(inputs)[valid]  # (M, d)
         target_codes = self.item_codes[targets[valid]] - self.code_offset  # (M, D) raw codes
         states = self.decode_all(h, target_codes[:, :-1])  # (M, D, d)
-        losses = [F.cross_entropy(self.level_logits(states[:, lv], lv), target_codes[:, lv])
-                  for lv in range(self.depth)]
+        losses, node = [], torch.zeros(len(target_codes), dtype=torch.long, device=windows.device)  # trie root
+        for lv in range(self.depth):
+            logits = self.level_logits(states[:, lv], lv)  # (M, V_lv)
+            if self.cfg.constrained_loss:
+                children = self.trie_child[node, : self.vocab_sizes[lv]]
+                logits = logits.masked_fill(children < 0, float("-inf"))
+                node = children.gather(1, target_codes[:, lv: lv + 1])[:, 0]
+            losses.append(F.cross_entropy(logits, target_codes[:, lv]))
         return {"loss": torch.stack(losses).sum(), "level_losses": torch.stack(losses).detach(),
                 "pairs": torch.tensor(int(valid.sum()))}
 

@@ -114,3 +114,19 @@ def test_beam_search_returns_only_distinct_valid_items(setup, seed, beam, batch,
         assert torch.isfinite(rec.scores[b]).all() and (rec.scores[b][:-1] >= rec.scores[b][1:] - 1e-6).all()
         if exclude is not None:
             assert not exclude[b, rec.items[b]].any()
+
+
+def test_constrained_loss_is_the_decoders_item_log_probability(setup):
+    model, sid, trie = setup
+    cfg = model.cfg.model_copy(update={"constrained_loss": True})
+    constrained = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), trie.child).eval()
+    constrained.load_state_dict(model.state_dict())
+    exact = exact_item_logprobs(model, sid, trie, torch.tensor([5, 9]))
+    with torch.no_grad():
+        loss = constrained(torch.tensor([[5, 9, 123]]))["loss"]  # pairs: ([5] -> 9) and ([5, 9] -> 123)
+        plain = model(torch.tensor([[5, 9, 123]]))["loss"]
+        first = constrained(torch.tensor([[5, 9]]))["loss"]
+    exact_first = exact_item_logprobs(model, sid, trie, torch.tensor([5]))[9]
+    assert first.item() == pytest.approx(-exact_first.item(), abs=1e-4)
+    assert loss.item() == pytest.approx(-(exact_first.item() + exact[123].item()) / 2, abs=1e-4)
+    assert loss.item() < plain.item()  # renormalising over valid children can only raise each probability

@@ -51,8 +51,10 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
     if d.main:
         log(f"sft: {len(windows)} training windows, {len(valid.targets)} validation users, run dir {run_dir}")
     torch.manual_seed(cfg.seed)
-    model = Recommender(preset.recommender, bundle.vocab_sizes, torch.as_tensor(bundle.codes))
-    trie = Trie.from_prefix_trie(bundle.trie())
+    prefix_trie = bundle.trie()
+    model = Recommender(preset.recommender, bundle.vocab_sizes, torch.as_tensor(bundle.codes),
+                        torch.as_tensor(prefix_trie.child))
+    trie = Trie.from_prefix_trie(prefix_trie)
     st = fit(model, windows, lambda m, dd: recommender_ranks(m, trie, valid, cfg.beam_width, (dd.rank, dd.world)),
              cfg, run_dir, resume=resume, d=d, max_steps=max_steps, desc="sft")
     summary = _summary(st, cfg, windows)
