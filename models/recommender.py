@@ -36,7 +36,6 @@ class Recommender(nn.Module):
         offsets = torch.tensor([0, *self.vocab_sizes[:-1]]).cumsum(0)
         self.register_buffer("code_offset", offsets, persistent=False)  # (D,)
         self.register_buffer("item_codes", item_codes.long() + offsets, persistent=False)  # (N, D) flat code ids
-        assert trie_child is not None or not cfg.constrained_loss, "constrained_loss needs the trie's child table"
         self.register_buffer("trie_child", trie_child, persistent=False)  # (n_nodes, V) or None
         self.code_emb = nn.Embedding(sum(self.vocab_sizes), d)
         self.item_emb = nn.Embedding(len(item_codes), d) if cfg.item_embedding else None
@@ -122,7 +121,8 @@ class Recommender(nn.Module):
         losses, node = [], torch.zeros(len(target_codes), dtype=torch.long, device=windows.device)  # trie root
         for lv in range(self.depth):
             logits = self.level_logits(states[:, lv], lv)  # (M, V_lv)
-            if self.cfg.constrained_loss:
+            if self.cfg.constrained_loss:  # decoding never needs the table; training with this loss does
+                assert self.trie_child is not None, "constrained_loss: build the model with the trie's child table"
                 children = self.trie_child[node, : self.vocab_sizes[lv]]
                 logits = logits.masked_fill(children < 0, float("-inf"))
                 node = children.gather(1, target_codes[:, lv: lv + 1])[:, 0]

@@ -116,7 +116,7 @@ def test_beam_search_returns_only_distinct_valid_items(setup, seed, beam, batch,
             assert not exclude[b, rec.items[b]].any()
 
 
-def test_constrained_loss_is_the_decoders_item_log_probability(setup):
+def test_constrained_loss_is_the_decoders_item_log_probability(setup, tmp_path):
     model, sid, trie = setup
     cfg = model.cfg.model_copy(update={"constrained_loss": True})
     constrained = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), trie.child).eval()
@@ -130,3 +130,6 @@ def test_constrained_loss_is_the_decoders_item_log_probability(setup):
     assert first.item() == pytest.approx(-exact_first.item(), abs=1e-4)
     assert loss.item() == pytest.approx(-(exact_first.item() + exact[123].item()) / 2, abs=1e-4)
     assert loss.item() < plain.item()  # renormalising over valid children can only raise each probability
+    constrained.save(tmp_path / "m.safetensors")  # serving loads it without the trie table
+    loaded = Recommender.load(tmp_path / "m.safetensors", torch.as_tensor(sid.codes))
+    assert loaded.cfg.constrained_loss and torch.equal(loaded.code_emb.weight, constrained.code_emb.weight)
