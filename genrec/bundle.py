@@ -156,6 +156,12 @@ class Bundle:
         return cls(path, manifest, read_catalog(path / "catalog.jsonl"), np.load(path / "item_vectors.npy"),
                    sid["codes"], sid["codebooks"], tuple(int(v) for v in sid["vocab_sizes"]))
 
+    def check_catalog(self, ds) -> None:
+        """Raise unless dataset `ds` has this bundle's catalog, in the same order (rows must mean the same items)."""
+        if not np.array_equal(ds.catalog.ids, self.catalog.ids):
+            raise BundleError(f"dataset {ds.name} does not hold the catalog of bundle {self.path}: use the dataset "
+                              "the bundle was built from, or rebuild the bundle with `genrec build`")
+
     def recommender(self, device: str = "cpu"):
         import torch
 

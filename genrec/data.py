@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 MAX_HISTORY = 20
+SPLIT_CUT = {"test": 1, "valid": 2}  # leave-one-out: how many items from the end a split's target is
 
 
 class DatasetError(ValueError):
@@ -214,9 +215,9 @@ def _pad_left(seqs: list[np.ndarray], length: int) -> np.ndarray:
 
 def eval_split(ds: Dataset, split: str, max_history: int = MAX_HISTORY) -> Split:
     """Leave-one-out: test predicts the last item, validation the second to last; users with < 3 items are skipped."""
-    if split not in ("valid", "test"):
+    if split not in SPLIT_CUT:
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    cut = 1 if split == "test" else 2
+    cut = SPLIT_CUT[split]
     keep = [i for i, s in enumerate(ds.sequences) if len(s) >= 3]
     hist = [ds.sequences[i][: len(ds.sequences[i]) - cut] for i in keep]
     targets = np.array([ds.sequences[i][len(ds.sequences[i]) - cut] for i in keep], dtype=np.int64)

@@ -15,7 +15,7 @@ import torch
 
 from genrec.atomic import atomic_file
 from genrec.bundle import Bundle
-from genrec.data import Dataset, Split, eval_split, popularity
+from genrec.data import SPLIT_CUT, Dataset, Split, eval_split, popularity
 from genrec.metrics import hit_ranks, ranking_metrics
 from models.decoding import Trie, beam_search
 from models.recommender import Recommender
@@ -82,9 +82,7 @@ def write_predictions(path: Path, split: Split, topk_rows: np.ndarray, scores: n
 def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_width: int = 20,
              predictions: Path | None = None, log=print) -> dict:
     """Evaluate the bundle's recommender and the baselines on one split; returns the results as a dict."""
-    if [it.item_id for it in ds.catalog.items] != [it.item_id for it in bundle.catalog.items]:
-        raise ValueError(f"dataset {ds.name} does not have the bundle's catalog: evaluate with the dataset the bundle "
-                         "was built from")
+    bundle.check_catalog(ds)
     split = eval_split(ds, split_name)
     item_ids = bundle.catalog.ids
     results: dict = {"split": split_name, "users": int(len(split.targets)), "items": len(bundle.catalog),
@@ -103,8 +101,7 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
     if predictions is not None:
         write_predictions(Path(predictions), split, topk, scores, item_ids)
 
-    cut = 1 if split_name == "test" else 2
-    seen = [s[: len(s) - cut] for s in ds.sequences if len(s) >= 3]
+    seen = [s[: len(s) - SPLIT_CUT[split_name]] for s in ds.sequences if len(s) >= 3]
     counts = popularity(seen, len(bundle.catalog))
     pop_top = np.argsort(-counts, kind="stable")[:k]
     baselines = {"popularity": ranking_metrics(np.tile(pop_top, (len(split.targets), 1)), split.targets)}

@@ -37,14 +37,19 @@ def _items(hits) -> list[common_pb2.ScoredItem]:
     return [common_pb2.ScoredItem(item_id=h.item_id, score=h.score, title=h.title) for h in hits]
 
 
+def _submit(servicer, validate, request, context):
+    """Validate against the engine serving now, then wait for the batch: (Done, engine, start time)."""
+    t0, engine = time.monotonic(), servicer.slot.current
+    query = validate(request, engine, servicer.limits)
+    return servicer.batcher.submit((engine, query), _timeout(context), context.add_callback), engine, t0
+
+
 class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
     def __init__(self, slot: EngineSlot, batcher: MicroBatcher, limits: LimitsConfig):
         self.slot, self.batcher, self.limits = slot, batcher, limits
 
     def Recommend(self, request, context):
-        t0, engine = time.monotonic(), self.slot.current
-        query = validation.recommend_query(request, engine, self.limits)
-        done = self.batcher.submit((engine, query), _timeout(context), context.add_callback)
+        done, engine, t0 = _submit(self, validation.recommend_query, request, context)
         return recommend_pb2.RecommendResponse(items=_items(done.result), metadata=_metadata(done, engine, t0))
 
 
@@ -53,9 +58,7 @@ class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
         self.slot, self.batcher, self.limits = slot, batcher, limits
 
     def Embed(self, request, context):
-        t0, engine = time.monotonic(), self.slot.current
-        query = validation.embed_query(request, engine, self.limits)
-        done = self.batcher.submit((engine, query), _timeout(context), context.add_callback)
+        done, engine, t0 = _submit(self, validation.embed_query, request, context)
         vectors = done.result  # (N, D)
         return embed_pb2.EmbedResponse(embeddings=[embed_pb2.Embedding(values=v) for v in vectors.tolist()],
                                        dimension=engine.dim, metadata=_metadata(done, engine, t0))
@@ -66,9 +69,7 @@ class SearchServicer(search_pb2_grpc.SearchServiceServicer):
         self.slot, self.batcher, self.limits = slot, batcher, limits
 
     def Search(self, request, context):
-        t0, engine = time.monotonic(), self.slot.current
-        query = validation.search_query(request, engine, self.limits)
-        done = self.batcher.submit((engine, query), _timeout(context), context.add_callback)
+        done, engine, t0 = _submit(self, validation.search_query, request, context)
         return search_pb2.SearchResponse(items=_items(done.result), metadata=_metadata(done, engine, t0))
 
 

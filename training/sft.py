@@ -26,9 +26,7 @@ def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None):
     bundle = Bundle.load(bundle_path)
     preset: Preset = load_preset(preset_name) if preset_name else bundle.preset
     ds = load_dataset(data)
-    if [it.item_id for it in ds.catalog.items] != [it.item_id for it in bundle.catalog.items]:
-        raise ValueError(f"{data} does not hold the catalog of bundle {bundle_path}: train with the dataset the "
-                         "bundle was built from, or rebuild the bundle")
+    bundle.check_catalog(ds)
     return bundle, preset, ds
 
 
