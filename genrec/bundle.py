@@ -19,7 +19,7 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -135,6 +135,7 @@ class Bundle:
     codes: np.ndarray
     codebooks: np.ndarray
     vocab_sizes: tuple[int, ...]
+    _trie: object = field(default=None, repr=False, compare=False)
 
     @property
     def preset(self) -> Preset:
@@ -170,12 +171,24 @@ class Bundle:
         if not self.has("recommender.safetensors"):
             raise BundleError(f"{self.path} has no recommender yet: run "
                               f"`genrec train sft --bundle {self.path} --data DATASET`")
-        return Recommender.load(self.path / "recommender.safetensors", torch.as_tensor(self.codes), device)
+        return Recommender.load(self.path / "recommender.safetensors", torch.as_tensor(self.codes),
+                                torch.as_tensor(self.trie().child), device)
+
+    def value_head(self, device: str = "cpu"):
+        from models.value import ValueHead
+
+        if not self.has("value.safetensors"):
+            raise BundleError(f"{self.path} has no value head: run `genrec train value --bundle {self.path} "
+                              "--data DATASET` (VED decoding and RL need it)")
+        return ValueHead.load(self.path / "value.safetensors", device)
 
     def trie(self):
+        """The prefix trie of the bundle's semantic IDs (built once per Bundle object)."""
         from models.semantic_ids import PrefixTrie
 
-        return PrefixTrie(self.codes, self.vocab_sizes)
+        if self._trie is None:
+            self._trie = PrefixTrie(self.codes, self.vocab_sizes)
+        return self._trie
 
     def index(self):
         import faiss

@@ -113,8 +113,29 @@ train_app.command("sft")(_train_command("sft"))
 train_app.command("sasrec")(_train_command("sasrec"))
 
 
+@train_app.command("value")
+@clear_errors
+def train_value(
+    bundle: BundlePath,
+    data: Data,
+    preset: Annotated[Optional[str], typer.Option(help="preset for the recipe (default: the bundle's)")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="checkpoints and curves (default runs/BUNDLE/value)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue from the last finished epoch in --run-dir")] = False,
+    max_minutes: Annotated[Optional[float], typer.Option(min=0.01, help="wall-time budget in minutes")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(min=1, help="epoch limit")] = None,
+    rollouts: Annotated[Optional[int], typer.Option(min=1, max=256, help="policy samples per pair")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+):
+    """Fit the value head (V-STAR) on the SFT policy's own rollouts with dense per-level rewards and TD targets."""
+    from training.value import train_value as run
+
+    run(bundle, data, preset, run_dir, resume,
+        _train_overrides(max_minutes=max_minutes, max_epochs=max_epochs, rollouts=rollouts, seed=seed))
+
+
 class Decoding(str, Enum):
     beam = "beam"
+    ved = "ved"
 
 
 class SplitName(str, Enum):
@@ -129,7 +150,9 @@ def evaluate(
     data: Data,
     split: Annotated[SplitName, typer.Option(help="leave-one-out split")] = SplitName.test,
     decoding: Annotated[Decoding, typer.Option(help="decoding strategy")] = Decoding.beam,
-    beam_width: Annotated[int, typer.Option(min=1, max=1024, help="beam width (>= k)")] = 20,
+    beam_width: Annotated[int, typer.Option(min=1, max=1024, help="beam width (>= k for beam; VED's initial beam)")] = 20,
+    budget: Annotated[Optional[int], typer.Option(min=1, max=100_000, help="VED: model forwards per user "
+                                                  "(default: what beam search of --beam-width spends)")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="items per user")] = 10,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON here")] = None,
     predictions: Annotated[Optional[Path], typer.Option(help="write one JSON line per user here")] = None,
@@ -139,9 +162,12 @@ def evaluate(
     from genrec.data import load_dataset
     from genrec.evaluate import evaluate as run
 
-    if beam_width < k:
+    if decoding == Decoding.beam and beam_width < k:
         raise ValueError(f"--beam-width {beam_width} is smaller than -k {k}: use a beam at least as wide as k")
-    results = run(Bundle.load(bundle), load_dataset(data), split.value, k, beam_width, predictions)
+    if decoding == Decoding.beam and budget is not None:
+        raise ValueError("--budget applies to --decoding ved; beam search spends 1 + (D - 1) * beam_width forwards")
+    results = run(Bundle.load(bundle), load_dataset(data), split.value, k, beam_width, predictions,
+                  decoding=decoding.value, budget=budget)
     if json_out:
         _write_json(json_out, results)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class Frozen(BaseModel):
@@ -48,6 +48,16 @@ class RecommenderConfig(Frozen):
     constrained_loss: bool = Field(
         False, description="train each level's softmax over the trie-valid children only (the distribution that "
         "constrained decoding renormalises to)")
+    node_embedding: bool = Field(
+        False, description="give every trie node and item its own output vector, added to its code embedding "
+        "(item-level capacity where a prefix already narrows to a few items); needs constrained_loss")
+
+    @model_validator(mode="after")
+    def _node_embedding_needs_constrained_loss(self):
+        if self.node_embedding and not self.constrained_loss:
+            raise ValueError("recommender.node_embedding needs recommender.constrained_loss: true (a code's node "
+                             "term exists only where the code is a valid child)")
+        return self
 
 
 class TrainConfig(Frozen):
@@ -72,6 +82,40 @@ class SASRecConfig(Frozen):
     max_history: int = Field(20, ge=1, le=512, description="most recent items the model sees")
 
 
+class ValueConfig(Frozen):
+    """`genrec train value`: fit the value head on the SFT policy's own rollouts (DESIGN.md, Value model)."""
+
+    reward_weights: tuple[float, ...] = Field((0.3, 0.5, 1.0), min_length=1, description="reward of a matching "
+                                              "prefix per SID level; later levels (the collision code) earn 0")
+    gamma: float = Field(0.99, ge=0.0, le=1.0, description="TD discount")
+    rollouts: int = Field(8, ge=1, le=256, description="policy samples per (history, target) pair")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="sampling temperature of the rollouts")
+    batch_size: int = Field(256, ge=1, le=65536, description="(history, target) pairs per step")
+    lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the head")
+    max_epochs: int = Field(4, ge=1, description="passes over the training pairs")
+    max_minutes: float = Field(10.0, gt=0, description="wall-time budget")
+    valid_users: int = Field(4096, ge=16, description="validation users scored after every epoch")
+    seed: int = Field(0, description="seed of the data order and the rollouts")
+
+
+class VedConfig(Frozen):
+    """Value-guided efficient decoding (DESIGN.md, VED): defaults for `--decoding ved`."""
+
+    lam: float = Field(0.1, ge=0.0, le=100.0, description="weight of the entropy in the priority G = V + lam * H")
+    beta: float = Field(1.0, ge=0.0, le=100.0, description="UCB exploration weight")
+    gate: bool = Field(True, description="expand a node only if its G is at least the mean G at its depth")
+    widen_power: float = Field(2.0, ge=0.0, le=8.0, description="progressive widening: a node with c children "
+                               "takes another once visited (c + 1)^widen_power times (lower widens sooner)")
+    init_depth: int = Field(1, ge=0, le=16, description="levels decoded by the initial width-B beam before the "
+                            "value-guided search spends the rest of the budget")
+    score: Literal["logp", "value", "mix"] = Field("logp", description="final score of a complete item: its "
+                                                   "log-probability, its value, or log-probability + value_weight * value")
+    value_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of the value in the 'mix' score")
+    temperature: float = Field(1.0, ge=0.0, le=10.0, description="temperature of the policy from which a new child "
+                               "is sampled (0 = the most probable unexpanded code)")
+    seed: int = Field(0, description="seed of the sampled expansions (VED is deterministic under it)")
+
+
 class Preset(Frozen):
     """One named bundle recipe: how to embed, quantize, index, and train."""
 
@@ -82,6 +126,8 @@ class Preset(Frozen):
     sft: TrainConfig = TrainConfig()
     sasrec: SASRecConfig = SASRecConfig()
     sasrec_train: TrainConfig = TrainConfig(lr=1e-3, max_minutes=10.0, patience=4)
+    value: ValueConfig = ValueConfig()
+    ved: VedConfig = VedConfig()
 
 
 def preset_names() -> list[str]:

@@ -17,23 +17,34 @@ from genrec.atomic import atomic_file
 from genrec.bundle import Bundle
 from genrec.data import SPLIT_CUT, Dataset, Split, eval_split, popularity
 from genrec.metrics import hit_ranks, ranking_metrics
+from genrec.config import VedConfig
 from models.decoding import Trie, beam_search
 from models.recommender import Recommender
 from models.sasrec import SASRec
+from models.value import ValueHead
+from models.ved import beam_budget, ved_decode
 
 
 @torch.no_grad()
 def generate_topk(model: Recommender, trie: Trie, histories: np.ndarray, k: int, beam_width: int,
-                  batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """(N, T) histories -> (N, k) catalog rows and log-probabilities by constrained beam search."""
-    items, scores = [], []
+                  batch_size: int = 256, decoding: str = "beam", value_head: ValueHead | None = None,
+                  budget: int | None = None, ved: VedConfig = VedConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, T) histories -> (N, k) catalog rows, their scores, and the model forwards spent per user, by constrained
+    beam search (k <= beam_width; its forwards are 1 + (D - 1) * beam_width) or VED (any k, within `budget`)."""
+    items, scores, forwards = [], [], []
     for s in range(0, len(histories), batch_size):
         h = torch.as_tensor(histories[s: s + batch_size])
         h = h[:, -max(1, int((h >= 0).sum(1).max())):]  # drop columns that are padding for the whole batch
-        rec = beam_search(model, trie, h, beam_width, k)
-        items.append(rec.items.numpy())
-        scores.append(rec.scores.numpy())
-    return np.concatenate(items), np.concatenate(scores)
+        if decoding == "ved":
+            rec = ved_decode(model, value_head, trie, h, k, beam_width, budget, ved)
+            forwards.append(rec.forwards.numpy())
+        else:
+            rec = beam_search(model, trie, h, beam_width, min(k, beam_width))
+            forwards.append(np.full(len(h), beam_budget(trie.depth, beam_width)))
+        got = rec.items.shape[1]
+        items.append(np.pad(rec.items.numpy(), ((0, 0), (0, k - got)), constant_values=-1))
+        scores.append(np.pad(rec.scores.numpy(), ((0, 0), (0, k - got)), constant_values=-np.inf))
+    return np.concatenate(items), np.concatenate(scores), np.concatenate(forwards)
 
 
 @torch.no_grad()
@@ -58,7 +69,7 @@ def recommender_ranks(model: Recommender, trie: Trie, split: Split, beam_width: 
     """Ranks of the targets for one shard of users (used by the trainer's validation)."""
     rank, world = shard
     h, t = split.histories[rank::world], split.targets[rank::world]
-    topk, _ = generate_topk(model, trie, h, min(10, beam_width), beam_width)
+    topk, _, _ = generate_topk(model, trie, h, min(10, beam_width), beam_width)
     return hit_ranks(topk, t)
 
 
@@ -80,22 +91,28 @@ def write_predictions(path: Path, split: Split, topk_rows: np.ndarray, scores: n
 
 
 def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_width: int = 20,
-             predictions: Path | None = None, log=print) -> dict:
-    """Evaluate the bundle's recommender and the baselines on one split; returns the results as a dict."""
+             predictions: Path | None = None, log=print, decoding: str = "beam", budget: int | None = None) -> dict:
+    """Evaluate the bundle's recommender and the baselines on one split; returns the results as a dict.
+    decoding "beam" (width beam_width) or "ved" (initial beam beam_width, `budget` forwards, default the beam's)."""
     bundle.check_catalog(ds)
     split = eval_split(ds, split_name)
     item_ids = bundle.catalog.ids
-    results: dict = {"split": split_name, "users": int(len(split.targets)), "items": len(bundle.catalog),
-                     "decoding": "beam", "beam_width": beam_width, "k": k}
-
     model = bundle.recommender()
     trie = Trie.from_prefix_trie(bundle.trie())
+    value_head = bundle.value_head() if decoding == "ved" else None
+    budget = budget or beam_budget(trie.depth, beam_width)
+    results: dict = {"split": split_name, "users": int(len(split.targets)), "items": len(bundle.catalog),
+                     "decoding": decoding, "beam_width": beam_width, "budget": budget, "k": k}
+    if decoding == "ved":
+        results["ved"] = bundle.preset.ved.model_dump()
     t0 = time.time()
-    topk, scores = generate_topk(model, trie, split.histories, k, beam_width)
+    topk, scores, forwards = generate_topk(model, trie, split.histories, k, beam_width, decoding=decoding,
+                                           value_head=value_head, budget=budget, ved=bundle.preset.ved)
     elapsed = time.time() - t0
     metrics = ranking_metrics(topk, split.targets)
     results.update(metrics)
     results["invalid_rate"] = invalid_rate(topk)
+    results["forwards_per_user"] = round(float(forwards.mean()), 2)
     results["decode_seconds"] = round(elapsed, 2)
     results["users_per_second"] = round(len(topk) / elapsed, 1)
     if predictions is not None:

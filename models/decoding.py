@@ -1,8 +1,9 @@
 """Trie-constrained decoding of semantic IDs: every returned item is a real catalog item, distinct within a row.
 
-beam_search: batched constrained beam search (the baseline every paper compares with). Log-probabilities are
-renormalised over the trie-valid children of each prefix, so a complete path's score is log P(item | history) under
-the constrained policy.
+beam_search: batched constrained beam search (the baseline every paper compares with).
+sample:      batched constrained sampling with a temperature (rollouts for value fitting and RL, and diversity).
+Log-probabilities are renormalised over the trie-valid children of each prefix, so a complete path's score is
+log P(item | history) under the constrained policy. VED lives in models.ved.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import constrained_topk, masked_log_softmax, valid_children_mask
 from models.recommender import Recommender
+
+__all__ = ["Trie", "Recommendations", "beam_search", "sample", "masked_log_softmax"]
 
 
 @dataclass
@@ -19,24 +23,31 @@ class Trie:
     """The prefix trie as tensors on the model's device (see models.semantic_ids.PrefixTrie)."""
 
     child: torch.Tensor  # (n_nodes, V) next node, or the item row at the last level; -1 = invalid code
+    child_ptr: torch.Tensor  # (n_nodes + 1,) CSR: node n's valid codes are child_code[child_ptr[n]:child_ptr[n + 1]]
+    child_code: torch.Tensor  # (n_edges,) ascending within a node
     depth: int
+    max_children: int  # the largest fan-out (sizes the kernels' blocks)
 
     @classmethod
     def from_prefix_trie(cls, trie, device="cpu") -> "Trie":
-        return cls(torch.as_tensor(trie.child, device=device), trie.depth)
+        ptr = torch.as_tensor(trie.child_ptr, device=device)
+        return cls(torch.as_tensor(trie.child, device=device), ptr,
+                   torch.as_tensor(trie.child_code, device=device), trie.depth,
+                   int((trie.child_ptr[1:] - trie.child_ptr[:-1]).max()))
+
+    def valid(self, node: torch.Tensor, width: int) -> torch.Tensor:
+        """(R,) nodes (-1 = dead) -> (R, width) bool of valid child codes."""
+        return valid_children_mask(node, self.child_ptr, self.child_code, width)
+
+    def topk(self, logits: torch.Tensor, node: torch.Tensor, base: torch.Tensor, k: int):
+        """Top-k of base + constrained log-probability over each row's valid children (Triton on CUDA)."""
+        return constrained_topk(logits, node, self.child_ptr, self.child_code, base, k, self.max_children)
 
 
 @dataclass
 class Recommendations:
     items: torch.Tensor  # (B, K) catalog rows, -1 where fewer than K items could be returned
     scores: torch.Tensor  # (B, K) log P(item | history), -inf where items is -1
-
-
-def masked_log_softmax(logits: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """log-softmax over the valid entries of each row; invalid entries (and rows with none valid) get -inf."""
-    masked = logits.masked_fill(~valid, float("-inf"))
-    lse = torch.logsumexp(masked, dim=-1, keepdim=True)
-    return torch.where(valid, masked - lse, torch.full_like(masked, float("-inf")))
 
 
 @torch.no_grad()
@@ -53,20 +64,53 @@ def beam_search(model: Recommender, trie: Trie, history: torch.Tensor, beam_widt
     for level in range(trie.depth):
         v = model.vocab_sizes[level]
         w = node.shape[1]
-        child = trie.child[node.clamp_min(0).view(-1), :v]  # (B*W, V)
-        valid = (child >= 0) & (node.view(-1, 1) >= 0)
-        if exclude is not None and level == trie.depth - 1:
-            row_exclude = exclude.repeat_interleave(w, 0).gather(1, child.clamp_min(0))
-            valid &= ~row_exclude
-        logp = masked_log_softmax(model.level_logits(state, level), valid)  # (B*W, V)
-        total = (score.view(-1, 1) + logp).view(b, w * v)
-        score, flat = total.topk(min(beam_width, w * v), dim=1)  # (B, W')
-        parent, code = flat // v, flat % v
+        logits = model.level_logits(state, level, node.view(-1))  # (B*W, V)
+        if exclude is not None and level == trie.depth - 1:  # an excluded item's logit is -inf: never chosen
+            items = trie.child[node.clamp_min(0).view(-1), :v]
+            banned = exclude.repeat_interleave(w, 0).gather(1, items.clamp_min(0)) & (items >= 0)
+            logits = logits.masked_fill(banned, float("-inf"))
+        # Each beam's best children first (the fused kernel), then the best of those across the row's beams.
+        per_beam = min(beam_width, v)
+        cand_score, cand_code = trie.topk(logits, node.view(-1), score.view(-1), per_beam)  # (B*W, per_beam)
+        score, flat = cand_score.reshape(b, w * per_beam).topk(min(beam_width, w * per_beam), dim=1)  # (B, W')
+        parent = flat // per_beam
+        code = cand_code.reshape(b, w * per_beam).gather(1, flat).clamp_min(0)
         rows = (parent + torch.arange(b, device=device).unsqueeze(1) * w).view(-1)  # beam rows in (B*W)
-        node = child[rows, code.view(-1)].view(b, -1)
+        node = trie.child[node.view(-1)[rows].clamp_min(0), code.view(-1)].view(b, -1)
         node = torch.where(torch.isfinite(score), node, torch.full_like(node, -1))
         if level < trie.depth - 1:
             cache.select(rows)
             state = model.step(code.view(-1), level, cache)
     score, order = score[:, :k], node[:, :k]  # beams come sorted by score from topk
     return Recommendations(order, score)
+
+
+@dataclass
+class Samples:
+    items: torch.Tensor  # (B, n) catalog rows
+    codes: torch.Tensor  # (B, n, D) the sampled SID codes
+    logp: torch.Tensor  # (B, n) log P(item | history) under the constrained policy at temperature 1
+
+
+@torch.no_grad()
+def sample(model: Recommender, trie: Trie, history: torch.Tensor, n: int, temperature: float = 1.0,
+           generator: torch.Generator | None = None) -> Samples:
+    """n independent constrained samples per user (repeats possible): every code is drawn from the policy's
+    distribution over the trie-valid children of the prefix, sharpened or flattened by `temperature`."""
+    assert temperature > 0, "temperature must be positive"
+    b = history.shape[0]
+    state, cache = model.start(model.context(history).repeat_interleave(n, 0))
+    node = torch.zeros(b * n, dtype=torch.long, device=history.device)
+    logp = torch.zeros(b * n, device=history.device)
+    codes = []
+    for level in range(trie.depth):
+        logits = model.level_logits(state, level, node)
+        valid = trie.valid(node, logits.shape[1])
+        probs = masked_log_softmax(logits / temperature, valid).exp()
+        code = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        logp += masked_log_softmax(logits, valid).gather(1, code[:, None])[:, 0]
+        codes.append(code)
+        node = trie.child[node, code]
+        if level < trie.depth - 1:
+            state = model.step(code, level, cache)
+    return Samples(node.view(b, n), torch.stack(codes, 1).view(b, n, -1), logp.view(b, n))

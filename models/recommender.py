@@ -6,7 +6,9 @@ Two stacks share one code-embedding table:
   code decoder     one position per SID code: [context, c_1, ..., c_{D-1}] -> logits for c_1 .. c_D, causal, with a
                    KV cache for decoding. Its hidden state at position l summarises the prefix c_<=l (the value
                    head reads it).
-Output heads are tied to the code embeddings of each level.
+Output heads are tied to the code embeddings of each level. With `node_embedding`, a child's output vector is its
+code embedding plus a vector of its own trie node: after two codes a Beauty prefix holds about two items, so a code
+shared by 256 parents is a bottleneck, and the node vectors give the tree softmax item-level capacity.
 """
 
 from __future__ import annotations
@@ -37,6 +39,17 @@ class Recommender(nn.Module):
         self.register_buffer("code_offset", offsets, persistent=False)  # (D,)
         self.register_buffer("item_codes", item_codes.long() + offsets, persistent=False)  # (N, D) flat code ids
         self.register_buffer("trie_child", trie_child, persistent=False)  # (n_nodes, V) or None
+        self.node_out = None
+        if cfg.node_embedding:
+            assert trie_child is not None, "node_embedding: build the model with the trie's child table"  # one output vector per trie node below the root, then one per item (the leaves)
+            n_nodes = len(trie_child)
+            rows, codes = (trie_child >= 0).nonzero(as_tuple=True)  # CSR, grouped by node, codes ascending
+            self.register_buffer("child_ptr", torch.cat([torch.zeros(1, dtype=torch.long),
+                                                         (trie_child >= 0).sum(1).cumsum(0)]), persistent=False)
+            self.register_buffer("child_code", codes, persistent=False)
+            self.register_buffer("child_target", trie_child[rows, codes], persistent=False)
+            self.n_nodes = n_nodes
+            self.node_out = nn.Embedding(n_nodes + len(item_codes), d)
         self.code_emb = nn.Embedding(sum(self.vocab_sizes), d)
         self.item_emb = nn.Embedding(len(item_codes), d) if cfg.item_embedding else None
         self.item_pos = nn.Embedding(cfg.max_history, d)
@@ -78,10 +91,30 @@ class Recommender(nn.Module):
         x = torch.cat(tokens, 1)
         return self.drop(x + self.level_pos.weight[: x.shape[1]])
 
-    def level_logits(self, hidden: torch.Tensor, level: int) -> torch.Tensor:
-        """hidden (..., d) -> logits over the codes of `level` (..., V_level), tied to the code embeddings."""
+    def level_logits(self, hidden: torch.Tensor, level: int, node: torch.Tensor | None = None) -> torch.Tensor:
+        """hidden (R, d) of prefixes ending at trie nodes `node` (R,) -> logits over the codes of `level` (R, V_level),
+        tied to the code embeddings. `node` is needed with node_embedding; codes that are not children of the node
+        then lack their node term and must be masked (constrained decoding and constrained_loss both do)."""
         lo, hi = int(self.code_offset[level]), int(self.code_offset[level]) + self.vocab_sizes[level]
-        return hidden @ self.code_emb.weight[lo:hi].T + self.head_bias[lo:hi]
+        logits = hidden @ self.code_emb.weight[lo:hi].T + self.head_bias[lo:hi]
+        if self.node_out is not None and level > 0:  # at the root a code is its own node: nothing to add
+            assert node is not None, "node_embedding: pass the trie node of each prefix"
+            logits = logits + self._child_terms(hidden, level, node, hi - lo)
+        return logits
+
+    def _child_terms(self, hidden: torch.Tensor, level: int, node: torch.Tensor, width: int) -> torch.Tensor:
+        """(R, width) with hidden . node_out[child] at each valid child code of each row's node, 0 elsewhere (and on
+        rows whose node is -1, a pruned beam). Walks the CSR lists: the cost is the number of valid children."""
+        live = node >= 0
+        node = node.clamp_min(0)
+        start = self.child_ptr[node]
+        count = torch.where(live, self.child_ptr[node + 1] - start, 0)
+        row = torch.repeat_interleave(torch.arange(len(node), device=node.device), count)
+        first = torch.repeat_interleave(count.cumsum(0) - count, count)
+        entry = start[row] + torch.arange(len(row), device=node.device) - first
+        target = self.child_target[entry] + (self.n_nodes if level == self.depth - 1 else 0)
+        terms = (hidden[row] * self.node_out(target)).sum(-1)
+        return hidden.new_zeros(len(node), width).index_put((row, self.child_code[entry]), terms)
 
     def decode_all(self, ctx: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Uncached: ctx (B, d), prefix (B, l) -> decoder states (B, l + 1, d); state j predicts code j."""
@@ -120,7 +153,7 @@ class Recommender(nn.Module):
         states = self.decode_all(h, target_codes[:, :-1])  # (M, D, d)
         losses, node = [], torch.zeros(len(target_codes), dtype=torch.long, device=windows.device)  # trie root
         for lv in range(self.depth):
-            logits = self.level_logits(states[:, lv], lv)  # (M, V_lv)
+            logits = self.level_logits(states[:, lv], lv, node)  # (M, V_lv)
             if self.cfg.constrained_loss:  # decoding never needs the table; training with this loss does
                 assert self.trie_child is not None, "constrained_loss: build the model with the trie's child table"
                 children = self.trie_child[node, : self.vocab_sizes[lv]]
@@ -138,10 +171,11 @@ class Recommender(nn.Module):
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), meta)
 
     @classmethod
-    def load(cls, path: Path, item_codes: torch.Tensor, device: str = "cpu") -> "Recommender":
+    def load(cls, path: Path, item_codes: torch.Tensor, trie_child: torch.Tensor | None = None,
+             device: str = "cpu") -> "Recommender":
         path = Path(path)
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["genrec"])
-        model = cls(RecommenderConfig(**meta["config"]), tuple(meta["vocab_sizes"]), item_codes)
+        model = cls(RecommenderConfig(**meta["config"]), tuple(meta["vocab_sizes"]), item_codes, trie_child)
         model.load_state_dict(load_file(str(path), device=device))
         return model.to(device).eval()

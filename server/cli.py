@@ -132,6 +132,7 @@ def recommend(
     k: K = 10,
     decoding: Annotated[Decoding, typer.Option(help="decoding strategy")] = Decoding.beam,
     beam_width: Annotated[int, typer.Option(min=0, help="beam width (>= k); 0 = the server default")] = 0,
+    budget: Annotated[int, typer.Option(min=0, help="VED: model forwards to spend; 0 = the beam's")] = 0,
     exclude_seen: Annotated[bool, typer.Option(help="never return an item of the history")] = False,
     target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0,
 ):
@@ -141,7 +142,7 @@ def recommend(
     strategy = recommend_pb2.DecodingStrategy.Value(f"DECODING_STRATEGY_{decoding.value.upper()}")
     request = recommend_pb2.RecommendRequest(
         history=_ints(items), k=k, exclude_seen=exclude_seen,
-        decoding=recommend_pb2.Decoding(strategy=strategy, beam_width=beam_width))
+        decoding=recommend_pb2.Decoding(strategy=strategy, beam_width=beam_width, budget=budget))
     return _stubs(target, token, tls_ca).recommend.Recommend(request, timeout=timeout)
 
 

@@ -19,6 +19,7 @@ import torch
 from genrec.bundle import Bundle, BundleError
 from genrec.config import EmbedderConfig
 from models.decoding import Trie, beam_search
+from models.ved import beam_budget, ved_decode
 from models.embedder import TextEmbedder
 from server.batching import grouped
 
@@ -32,6 +33,8 @@ class RecommendQuery:
     k: int
     beam_width: int
     exclude_seen: bool
+    strategy: str = "beam"  # or "ved"
+    budget: int = 0  # VED: model forwards to spend
 
 
 @dataclass(frozen=True)
@@ -90,6 +93,9 @@ class Engine:
                               f"{self.dim}-d; rebuild the bundle with its embedder")
         self.model = bundle.recommender(device) if bundle.has("recommender.safetensors") else None
         self.trie = Trie.from_prefix_trie(bundle.trie(), device) if self.model is not None else None
+        has_value = self.model is not None and bundle.has("value.safetensors")
+        self.value_head = bundle.value_head(device) if has_value else None
+        self.ved_config = bundle.preset.ved
         self.max_history = (self.model.cfg if self.model is not None else bundle.preset.recommender).max_history
         self.default_beam_width = bundle.preset.sft.beam_width  # the width the bundle was validated with
         self.index = bundle.index()
@@ -112,11 +118,11 @@ class Engine:
     # ---- batched computations (called on batcher worker threads) -------------------------------------------
     @torch.inference_mode()
     def recommend(self, queries: list[RecommendQuery]) -> list[list[Hit]]:
-        """One beam search per distinct beam width; k only truncates the sorted beams, so requests with different
-        k share a call and each gets exactly what it would get alone."""
+        """One decoder call per distinct (strategy, beam width, budget); k only truncates the sorted results, so
+        requests with different k share a call and each gets exactly what it would get alone."""
         assert self.model is not None, "validation must refuse Recommend on a bundle without a recommender"
         out: list[list[Hit]] = [[] for _ in queries]
-        for idx in grouped(queries, key=lambda q: q.beam_width):
+        for idx in grouped(queries, key=lambda q: (q.strategy, q.beam_width, q.budget)):
             group = [queries[i] for i in idx]
             t = max(len(q.history) for q in group)
             history = torch.full((len(group), t), -1, dtype=torch.long)  # (B, T) left padding
@@ -130,8 +136,12 @@ class Engine:
                         exclude[r, torch.as_tensor(q.seen)] = True
                 exclude = exclude.to(self.device)
             # Built on the CPU and moved once: one copy per batch instead of one per request.
-            recs = beam_search(self.model, self.trie, history.to(self.device), group[0].beam_width,
-                               max(q.k for q in group), exclude)
+            first, k = group[0], max(q.k for q in group)
+            if first.strategy == "ved":  # VED's top-k do not depend on k beyond truncation either
+                recs = ved_decode(self.model, self.value_head, self.trie, history.to(self.device), k,
+                                  first.beam_width, first.budget, self.ved_config, exclude)
+            else:
+                recs = beam_search(self.model, self.trie, history.to(self.device), first.beam_width, k, exclude)
             for r, (i, q) in enumerate(zip(idx, group)):
                 out[i] = self._hits(recs.items[r, : q.k].tolist(), recs.scores[r, : q.k].tolist())
         return out
@@ -159,6 +169,9 @@ class Engine:
                 vectors[i] = q.vector
         scores, rows = self.index.search(vectors, max(q.k for q in queries))  # (B, k) each
         return [self._hits(rows[i, : q.k].tolist(), scores[i, : q.k].tolist()) for i, q in enumerate(queries)]
+
+    def beam_budget(self, beam_width: int) -> int:
+        return beam_budget(self.trie.depth, beam_width)
 
     def _hits(self, rows: list[int], scores: list[float]) -> list[Hit]:
         return [Hit(int(self.catalog.items[r].item_id), float(s), self.titles[r]) for r, s in zip(rows, scores)

@@ -15,7 +15,8 @@ from server.errors import InvalidRequest, NotServed
 from server.protos import embed_pb2, recommend_pb2, search_pb2
 
 _BEAM = recommend_pb2.DECODING_STRATEGY_BEAM
-_SERVED_STRATEGIES = (recommend_pb2.DECODING_STRATEGY_UNSPECIFIED, _BEAM)
+_VED = recommend_pb2.DECODING_STRATEGY_VED
+_SERVED_STRATEGIES = (recommend_pb2.DECODING_STRATEGY_UNSPECIFIED, _BEAM, _VED)
 _ROLES: dict[int, Role] = {embed_pb2.ROLE_UNSPECIFIED: "query", embed_pb2.ROLE_QUERY: "query",
                            embed_pb2.ROLE_DOCUMENT: "document"}
 
@@ -57,19 +58,31 @@ def recommend_query(req: recommend_pb2.RecommendRequest, engine: Engine, limits:
     if strategy not in _SERVED_STRATEGIES:
         known = strategy in recommend_pb2.DecodingStrategy.values()
         raise InvalidRequest(f"decoding strategy {_strategy_name(strategy)} is "
-                             f"{'not served yet' if known else 'unknown'}: use DECODING_STRATEGY_BEAM")
+                             f"{'not served yet' if known else 'unknown'}: use DECODING_STRATEGY_BEAM or "
+                             "DECODING_STRATEGY_VED")
+    if d.temperature:
+        raise InvalidRequest("decoding.temperature applies to DECODING_STRATEGY_SAMPLE: leave it 0")
+    if d.beam_width > limits.max_beam_width:
+        raise InvalidRequest(f"decoding.beam_width={d.beam_width} is above the limit {limits.max_beam_width}: "
+                             "use a narrower beam")
+    if strategy == _VED:
+        if engine.value_head is None:
+            raise InvalidRequest(f"DECODING_STRATEGY_VED needs a value head, and bundle {engine.bundle_id} has none: "
+                                 "run `genrec train value` on the bundle and reload, or use DECODING_STRATEGY_BEAM")
+        beam_width = d.beam_width or engine.default_beam_width
+        budget = d.budget or engine.beam_budget(beam_width)
+        if budget > limits.max_ved_budget:
+            raise InvalidRequest(f"decoding.budget={budget} is above the limit {limits.max_ved_budget}: "
+                                 "use a smaller budget")
+        return RecommendQuery(history=rows[-engine.max_history:], seen=rows, k=k, beam_width=beam_width,
+                              exclude_seen=req.exclude_seen, strategy="ved", budget=budget)
     if d.budget:
         raise InvalidRequest("decoding.budget applies to DECODING_STRATEGY_VED: for beam search leave it 0 and "
                              "set decoding.beam_width")
-    if d.temperature:
-        raise InvalidRequest("decoding.temperature applies to DECODING_STRATEGY_SAMPLE: for beam search leave it 0")
     beam_width = d.beam_width or max(k, engine.default_beam_width)
     if beam_width < k:
         raise InvalidRequest(f"decoding.beam_width={beam_width} is smaller than k={k}: use a beam at least as wide "
                              "as k, or 0 for the server default")
-    if beam_width > limits.max_beam_width:
-        raise InvalidRequest(f"decoding.beam_width={beam_width} is above the limit {limits.max_beam_width}: "
-                             "use a narrower beam")
     return RecommendQuery(history=rows[-engine.max_history:], seen=rows, k=k, beam_width=beam_width,
                           exclude_seen=req.exclude_seen)
 

@@ -14,18 +14,22 @@ from models.semantic_ids import PrefixTrie, build_semantic_ids
 N_ITEMS = 400
 
 
-@pytest.fixture(scope="module")
-def setup():
+@pytest.fixture(scope="module", params=["code-heads", "node-heads"])
+def setup(request):
+    """The same checks for both output heads: codes only, and codes plus per-node vectors (node_embedding)."""
     rng = np.random.default_rng(0)
     x = rng.normal(size=(N_ITEMS, 16)).astype(np.float32)
     sid = build_semantic_ids(x, SemanticIdConfig(codebook_size=8, kmeans_iters=5, unique_last_level=False))
+    trie = PrefixTrie(sid.codes, sid.vocab_sizes)
     torch.manual_seed(0)
-    cfg = RecommenderConfig(d_model=32, n_heads=2, n_layers=2, n_code_layers=2, dropout=0.0)
-    model = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes)).eval()
+    nodes = request.param == "node-heads"
+    cfg = RecommenderConfig(d_model=32, n_heads=2, n_layers=2, n_code_layers=2, dropout=0.0,
+                            constrained_loss=nodes, node_embedding=nodes)
+    model = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), torch.as_tensor(trie.child)).eval()
     with torch.no_grad():  # larger weights give peaked, distinctive distributions
         for p in model.parameters():
             p.mul_(8.0)
-    return model, sid, Trie.from_prefix_trie(PrefixTrie(sid.codes, sid.vocab_sizes))
+    return model, sid, Trie.from_prefix_trie(trie)
 
 
 def exact_item_logprobs(model, sid, trie, history):
@@ -39,7 +43,8 @@ def exact_item_logprobs(model, sid, trie, history):
             node, total = 0, 0.0
             for lv in range(len(codes)):
                 valid = trie.child[node, : sid.vocab_sizes[lv]] >= 0
-                logp = masked_log_softmax(model.level_logits(states[lv], lv), valid)
+                logits = model.level_logits(states[lv][None], lv, torch.tensor([node]))[0]
+                logp = masked_log_softmax(logits, valid)
                 total += float(logp[codes[lv]])
                 node = int(trie.child[node, codes[lv]])
             out[item] = total
@@ -120,16 +125,22 @@ def test_constrained_loss_is_the_decoders_item_log_probability(setup, tmp_path):
     model, sid, trie = setup
     cfg = model.cfg.model_copy(update={"constrained_loss": True})
     constrained = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), trie.child).eval()
+    plain = Recommender(model.cfg.model_copy(update={"constrained_loss": False, "node_embedding": False}),
+                        sid.vocab_sizes, torch.as_tensor(sid.codes)).eval()
     constrained.load_state_dict(model.state_dict())
+    plain.load_state_dict(model.state_dict(), strict=False)  # everything but the node vectors
     exact = exact_item_logprobs(model, sid, trie, torch.tensor([5, 9]))
     with torch.no_grad():
         loss = constrained(torch.tensor([[5, 9, 123]]))["loss"]  # pairs: ([5] -> 9) and ([5, 9] -> 123)
-        plain = model(torch.tensor([[5, 9, 123]]))["loss"]
+        plain_loss = plain(torch.tensor([[5, 9, 123]]))["loss"]
         first = constrained(torch.tensor([[5, 9]]))["loss"]
     exact_first = exact_item_logprobs(model, sid, trie, torch.tensor([5]))[9]
     assert first.item() == pytest.approx(-exact_first.item(), abs=1e-4)
     assert loss.item() == pytest.approx(-(exact_first.item() + exact[123].item()) / 2, abs=1e-4)
-    assert loss.item() < plain.item()  # renormalising over valid children can only raise each probability
-    constrained.save(tmp_path / "m.safetensors")  # serving loads it without the trie table
-    loaded = Recommender.load(tmp_path / "m.safetensors", torch.as_tensor(sid.codes))
+    if not cfg.node_embedding:  # renormalising over valid children can only raise each probability
+        assert loss.item() < plain_loss.item()
+    constrained.save(tmp_path / "m.safetensors")
+    loaded = Recommender.load(tmp_path / "m.safetensors", torch.as_tensor(sid.codes), trie.child)
     assert loaded.cfg.constrained_loss and torch.equal(loaded.code_emb.weight, constrained.code_emb.weight)
+    with torch.no_grad():
+        assert loaded(torch.tensor([[5, 9, 123]]))["loss"].item() == pytest.approx(loss.item(), abs=1e-5)

@@ -98,18 +98,19 @@ def _gather_ranks(ranks: np.ndarray, d: Dist) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def _plot(history: list[dict], path: Path) -> None:
+def plot_curves(history: list[dict], path: Path, keys: tuple[str, ...] = ("recall@10", "ndcg@10")) -> None:
+    """Training loss (left) and the validation metrics `keys` (right) as a PNG, written atomically."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     train = [h for h in history if "loss" in h]
-    evals = [h for h in history if "ndcg@10" in h]
+    evals = [h for h in history if keys[0] in h]
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     a.plot([h["step"] for h in train], [h["loss"] for h in train])
     a.set(title="training loss", xlabel="step")
-    for key in ("recall@10", "ndcg@10"):
+    for key in keys:
         b.plot([h["step"] for h in evals], [h[key] for h in evals], marker="o", label=key)
     b.set(title="validation", xlabel="step")
     b.legend()
@@ -183,7 +184,7 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
         if d.main:
             tqdm.write(f"[{desc}] step {st.step} epoch {st.epoch}: valid recall@10 {m['recall@10']:.4f} "
                        f"ndcg@10 {m['ndcg@10']:.4f} (best {st.best_ndcg:.4f} at step {st.best_step})")
-            _plot(st.history, run_dir / "curves.png")
+            plot_curves(st.history, run_dir / "curves.png")
         return st.evals_since_best >= cfg.patience
 
     model.train()

@@ -23,13 +23,18 @@ LIMITS = LimitsConfig(max_k=50, max_beam_width=64, max_history_items=200, max_in
 
 @pytest.fixture(scope="session")
 def served_bundle(tmp_path_factory, tiny_bundle, tiny_data) -> Path:
-    """The tiny bundle with a recommender trained for a few steps (a copy: tiny_bundle itself stays untrained)."""
+    """The tiny bundle with a recommender and a value head trained for a few steps (a copy: tiny_bundle itself
+    stays untrained)."""
     from training.sft import train_sft
+    from training.value import train_value
 
     out = tmp_path_factory.mktemp("served") / "tiny"
     shutil.copytree(tiny_bundle, out)
-    train_sft(out, tiny_data, run_dir=tmp_path_factory.mktemp("runs") / "served-sft", overrides={"max_epochs": 6, "eval_every": 6},
+    runs = tmp_path_factory.mktemp("runs")
+    train_sft(out, tiny_data, run_dir=runs / "served-sft", overrides={"max_epochs": 6, "eval_every": 6},
               log=lambda *a: None)
+    train_value(out, tiny_data, run_dir=runs / "served-value", overrides={"max_epochs": 1, "valid_users": 64},
+                log=lambda *a: None)
     return out
 
 

@@ -39,8 +39,11 @@ def test_bad_input_exits_2_with_the_server_message(cli):
     res = cli("recommend", "--items", "1,424242", "-k", "4")
     assert res.exit_code == 2
     assert "INVALID_ARGUMENT" in res.stderr and "424242" in res.stderr
-    res = cli("recommend", "--items", "1", "--decoding", "ved")
+    res = cli("recommend", "--items", "1", "--decoding", "sample")
     assert res.exit_code == 2 and "not served yet" in res.stderr
+    res = cli("recommend", "--items", "1,2", "-k", "3", "--decoding", "ved", "--budget", "9")
+    got = [it["item_id"] for it in json.loads(res.stdout)["items"]]
+    assert res.exit_code == 0 and 1 <= len(got) <= 3 and len(set(got)) == len(got)  # VED may find fewer than k
     res = cli("recommend", "--items", "1,x")
     assert res.exit_code == 2 and "comma-separated list of integer item ids" in res.output
 

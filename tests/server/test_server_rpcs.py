@@ -14,6 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from genrec.bundle import Bundle
 from models.decoding import Trie, beam_search
+from models.ved import ved_decode
 from server.protos import SERVICE_NAMES, embed_pb2, info_pb2, recommend_pb2, search_pb2
 
 pytest_plugins = ["serverfixtures"]
@@ -48,6 +49,21 @@ def test_recommend_matches_direct_beam_search(shared_server, bundle):
     assert [it.title for it in resp.items] == [bundle.catalog.items[bundle.catalog.index[i]].title for i in want_ids]
     t = resp.metadata.timings
     assert resp.metadata.batch_size >= 1 and t.total_ms >= t.compute_ms > 0 and t.queue_ms >= 0
+
+
+def test_recommend_with_ved_matches_direct_ved(shared_server, bundle):
+    ids = bundle.catalog.ids[[3, 17, 42, 5]].tolist()
+    req = recommend_pb2.RecommendRequest(history=ids, k=6, decoding=recommend_pb2.Decoding(
+        strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=4, budget=17))
+    resp = shared_server.stubs.recommend.Recommend(req, timeout=30)
+    model, trie = bundle.recommender(), Trie.from_prefix_trie(bundle.trie())
+    hist = torch.as_tensor(bundle.catalog.rows(ids))[-model.cfg.max_history:][None]
+    want = ved_decode(model, bundle.value_head(), trie, hist, 6, 4, 17, bundle.preset.ved)
+    assert want.forwards.item() <= 17
+    keep = want.items[0] >= 0
+    assert [it.item_id for it in resp.items] == bundle.catalog.ids[want.items[0][keep].numpy()].tolist()
+    np.testing.assert_allclose([it.score for it in resp.items], want.scores[0][keep].tolist(), rtol=1e-5, atol=1e-5)
+    assert len({it.item_id for it in resp.items}) == len(resp.items) > 0
 
 
 def test_recommend_beam_width_and_exclude_seen(shared_server, bundle):

@@ -36,9 +36,11 @@ BAD = {
                              ["beam_width=4 is smaller than k=10"]),
     "beam too wide": (R.RecommendRequest(history=[1], k=10, decoding=_beam(beam_width=65)),
                       ["beam_width=65 is above the limit 64"]),
-    "ved not served": (R.RecommendRequest(history=[1], k=5,
-                                          decoding=R.Decoding(strategy=R.DECODING_STRATEGY_VED)),
-                       ["DECODING_STRATEGY_VED is not served yet", "use DECODING_STRATEGY_BEAM"]),
+    "ved budget above the limit": (R.RecommendRequest(history=[1], k=5, decoding=R.Decoding(
+        strategy=R.DECODING_STRATEGY_VED, budget=LIMITS.max_ved_budget + 1)),
+        [f"decoding.budget={LIMITS.max_ved_budget + 1} is above the limit {LIMITS.max_ved_budget}"]),
+    "ved with temperature": (R.RecommendRequest(history=[1], k=5, decoding=R.Decoding(
+        strategy=R.DECODING_STRATEGY_VED, temperature=0.5)), ["temperature applies to DECODING_STRATEGY_SAMPLE"]),
     "sample not served": (R.RecommendRequest(history=[1], k=5,
                                              decoding=R.Decoding(strategy=R.DECODING_STRATEGY_SAMPLE)),
                           ["DECODING_STRATEGY_SAMPLE is not served yet"]),

@@ -1,0 +1,127 @@
+"""Beam search against VED at equal budgets on a leave-one-out split: quality, forwards, latency.
+
+    python benchmarks/decoding.py --data ../shared/data/amazon-beauty --bundle bundles/beauty
+
+The bundle needs a trained recommender (`genrec train sft`) and value head (`genrec train value`). For each beam width
+B, both decoders get the budget of width-B beam search, 1 + (D - 1) * B model forwards per user. Quality is measured
+on every user of the split (or --users); latency per request at batch 1 (one user per call) and at batch 64 (the wall
+time of a 64-user call, which is what each of its requests waits), on --latency-users users. Ablations of VED (lam,
+beta, gate, expansion temperature, final score) run at one width on --ablation-users users. Prints a table and writes
+JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genrec.atomic import atomic_file
+from genrec.bundle import Bundle
+from genrec.data import eval_split, load_dataset
+from genrec.evaluate import generate_topk, invalid_rate
+from genrec.metrics import ranking_metrics
+from models.decoding import Trie
+from models.ved import beam_budget
+
+ABLATIONS = {"lam=0": {"lam": 0.0}, "beta=0.1": {"beta": 0.1}, "no gate": {"gate": False},
+             "greedy expansion": {"temperature": 0.0}, "score=mix": {"score": "mix"}, "init_depth=2": {"init_depth": 2}}
+
+
+def run(decoding, model, trie, head, hist, targets, k, width, ved_cfg, batch_size=256) -> dict:
+    t0 = time.perf_counter()
+    topk, _, forwards = generate_topk(model, trie, hist, k, width, batch_size, decoding, head, None, ved_cfg)
+    out = ranking_metrics(topk, targets)
+    out.update(invalid_rate=invalid_rate(topk), filled=float((topk >= 0).mean()),
+               forwards_per_request=float(forwards.mean()), seconds=round(time.perf_counter() - t0, 2))
+    return out
+
+
+def latency_ms(decoding, model, trie, head, hist, k, width, ved_cfg, batch: int) -> float:
+    """Median wall time of one decoder call on `batch` users, in ms (one warm-up call first)."""
+    calls = [hist[s: s + batch] for s in range(0, len(hist) - batch + 1, batch)]
+    generate_topk(model, trie, calls[0], k, width, batch, decoding, head, None, ved_cfg)
+    times = []
+    for h in calls:
+        t0 = time.perf_counter()
+        generate_topk(model, trie, h, k, width, batch, decoding, head, None, ved_cfg)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times) * 1000)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--bundle", required=True)
+    ap.add_argument("--split", default="test", choices=["valid", "test"])
+    ap.add_argument("--widths", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--users", type=int, default=0, help="users for quality (0 = all)")
+    ap.add_argument("--latency-users", type=int, default=256)
+    ap.add_argument("--ablation-width", type=int, default=8)
+    ap.add_argument("--ablation-users", type=int, default=4000, help="0 skips the ablations")
+    ap.add_argument("--out", help="results JSON (default results/decoding-<dataset>.json)")
+    args = ap.parse_args()
+
+    name = Path(args.data).resolve().name
+    out = Path(args.out or f"results/decoding-{name}.json")
+    bundle = Bundle.load(args.bundle)
+    ds = load_dataset(args.data)
+    bundle.check_catalog(ds)
+    split = eval_split(ds, args.split)
+    model, head = bundle.recommender(), bundle.value_head()
+    trie = Trie.from_prefix_trie(bundle.trie())
+    ved_cfg = bundle.preset.ved
+    n = args.users or len(split.targets)
+    hist, targets = split.histories[:n], split.targets[:n]
+    lat_hist = split.histories[: args.latency_users]
+    report = {"dataset": name, "split": args.split, "users": n, "k": args.k, "ved": ved_cfg.model_dump(),
+              "torch_threads": torch.get_num_threads(), "machine": platform.platform(), "rows": [], "ablations": []}
+
+    for width in args.widths:
+        for decoding in ("beam", "ved"):
+            row = {"decoding": decoding, "beam_width": width, "budget": beam_budget(trie.depth, width),
+                   **run(decoding, model, trie, head, hist, targets, args.k, width, ved_cfg)}
+            for batch in (1, 64):
+                row[f"latency_ms_batch{batch}"] = latency_ms(decoding, model, trie, head, lat_hist, args.k, width,
+                                                             ved_cfg, batch)
+            report["rows"].append(row)
+            print(f"{decoding} B={width}: " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                       for k, v in row.items() if k not in ("decoding", "beam_width")),
+                  flush=True)
+
+    if args.ablation_users:
+        m = args.ablation_users
+        for label, change in {"beam": None, "ved (preset)": {}, **ABLATIONS}.items():
+            cfg = ved_cfg.model_copy(update=change or {})
+            decoding = "beam" if change is None else "ved"
+            row = {"variant": label, **run(decoding, model, trie, head, split.histories[:m], split.targets[:m],
+                                           args.k, args.ablation_width, cfg)}
+            report["ablations"].append(row)
+            print(f"ablation {label}: ndcg@10 {row['ndcg@10']:.4f} recall@10 {row['recall@10']:.4f}", flush=True)
+
+    print(f"\n{name}, {args.split} split, {n} users, full ranking; budget = 1 + (D - 1) * B forwards per request")
+    print(f"{'decoding':<10}{'B':>4}{'budget':>8}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}{'fwd/req':>9}"
+          f"{'ms@1':>9}{'ms@64':>9}")
+    for r in report["rows"]:
+        print(f"{r['decoding']:<10}{r['beam_width']:>4}{r['budget']:>8}{r['recall@5']:>8.4f}{r['ndcg@5']:>8.4f}"
+              f"{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}{r['forwards_per_request']:>9.1f}"
+              f"{r['latency_ms_batch1']:>9.1f}{r['latency_ms_batch64']:>9.1f}")
+    if report["ablations"]:
+        print(f"\nVED ablations at B={args.ablation_width}, first {args.ablation_users} users")
+        print(f"{'variant':<20}{'R@10':>8}{'N@10':>8}")
+        for r in report["ablations"]:
+            print(f"{r['variant']:<20}{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as f:
+        json.dump(report, f, indent=2)
+    print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""VED: value-guided efficient decoding (V-STAR), batched across users, trie-constrained, deterministic under a seed.
+
+The search tree of one user holds prefixes the model has been run on ("forwarded" nodes); every forward costs 1 of the
+budget, which by default equals what width-B beam search spends, 1 + (D - 1) * B. Complete items cost nothing: they are
+the trie-valid children of forwarded depth-(D - 1) prefixes, scored from those prefixes' distributions.
+
+  1. A true width-B constrained beam over the first `init_depth` levels: the root, then the top-B prefixes per depth;
+     the pruned children stay in their parents as unexpanded codes.
+  2. Every node is scored by one fused kernel (kernels.ved_scores): entropy H over its valid children, priority
+     G = V + lam * H, UCB score U = G + beta * sqrt(ln(N_root + 1) / (N + 1)), and the gate G >= mean G at its depth.
+  3. Select: walk from the root, taking the child with the largest U at each step, and stop at the first node that
+     may grow: it passes its gate, still has unexpanded valid codes (a depth-(D - 1) node never does: its children
+     are items), and either has no child yet or has been visited enough to widen (progressive widening,
+     N >= (children + 1)^2, so the search deepens before it broadens).
+  4. Gated expansion: that node gets one new child, sampled from the policy over its not-yet-expanded valid codes,
+     and the new prefix is forwarded (cost 1). A walk that finds no such node (its leaves are gated or finished)
+     expands instead the growable node with the largest U anywhere in the tree, so no round is wasted.
+  5. Visit counts are backed up along the walk. Repeat until the budget is spent.
+  6. The top-k complete items by the final score: log-probability, value (of the item's depth-(D - 1) prefix, which
+     fixes the item when the collision level has one child), or log-probability + value_weight * value.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from genrec.config import VedConfig
+from kernels import masked_log_softmax, ved_scores
+from models.decoding import Recommendations, Trie
+from models.recommender import Recommender
+from models.value import ValueHead
+
+
+def beam_budget(depth: int, beam_width: int) -> int:
+    """Forwards spent by width-B beam search over a depth-D trie: the root, then B prefixes at each inner depth."""
+    return 1 + (depth - 1) * beam_width
+
+
+def _gumbel(seed: int, node: torch.Tensor, n_expanded: torch.Tensor, width: int) -> torch.Tensor:
+    """(R, width) Gumbel noise that is a hash of (seed, trie node, children expanded so far, code): a user's search
+    is a function of its own tree only, so batching never changes an answer, and a seed fixes every answer."""
+    code = torch.arange(width, device=node.device)
+    x = ((seed * 1_000_003 + node[:, None]) * 7_919 + n_expanded[:, None]) * 4_099 + code  # < 2^62 for real tries
+    for _ in range(3):  # a 32-bit integer mix (as in splitmix/murmur finalisers)
+        x = x & 0xFFFFFFFF
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    u = (x.double() + 0.5) / 2**32  # in (0, 1)
+    return -torch.log(-torch.log(u)).float()
+
+
+@dataclass
+class VedResult(Recommendations):
+    forwards: torch.Tensor  # (B,) model forward expansions spent per user (never above the budget)
+
+
+class _Forest:
+    """The search trees of a batch of users as (U, C) tensors; slot 0 is the root, -1 marks an empty slot."""
+
+    def __init__(self, users: int, slots: int, depth: int, width: int, device):
+        z = dict(device=device)
+        self.tnode = torch.full((users, slots), -1, dtype=torch.long, **z)  # trie node of the prefix
+        self.depth = torch.zeros(users, slots, dtype=torch.long, **z)
+        self.prefix = torch.zeros(users, slots, max(depth - 1, 1), dtype=torch.long, **z)  # its codes (0-padded)
+        self.logp = torch.zeros(users, slots, **z)  # log P(prefix | history)
+        self.value = torch.zeros(users, slots, **z)
+        self.visits = torch.zeros(users, slots, dtype=torch.long, **z)
+        self.logits = torch.full((users, slots, width), float("-inf"), **z)  # next-code logits
+        self.child = torch.full((users, slots, width), -1, dtype=torch.long, **z)  # slot of each expanded child
+        self.used = torch.zeros(users, dtype=torch.long, **z)  # slots filled
+
+
+@torch.no_grad()
+def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: torch.Tensor, k: int,
+               beam_width: int, budget: int | None = None, cfg: VedConfig = VedConfig(),
+               exclude: torch.Tensor | None = None) -> VedResult:
+    """history (U, T) catalog rows, -1 left padding -> the top-k items per user found within `budget` forwards."""
+    depth, device = trie.depth, history.device
+    budget = beam_budget(depth, beam_width) if budget is None else budget
+    assert budget >= 1, "budget must allow the root forward"
+    u = history.shape[0]
+    users = torch.arange(u, device=device)
+    width = max(model.vocab_sizes)
+    f = _Forest(u, budget, depth, width, device)
+    ctx = model.context(history)
+
+    def forward(user: torch.Tensor, slot: torch.Tensor) -> None:
+        """Run the model on the prefixes in (user, slot): their next-code logits and values (cost 1 each)."""
+        states = model.decode_all(ctx[user], f.prefix[user, slot])  # causal: state l ignores the padding after l
+        dep = f.depth[user, slot]
+        for level in dep.unique().tolist():
+            at = dep == level
+            state = states[at, level]
+            logits = model.level_logits(state, level, f.tnode[user[at], slot[at]])
+            f.logits[user[at], slot[at], : logits.shape[1]] = logits
+            f.value[user[at], slot[at]] = value_head(state, f.logp[user[at], slot[at]])
+
+    def add(user: torch.Tensor, parent: torch.Tensor, code: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+        """New slots for child `code` of `parent`, one per row; returns their slots."""
+        slot = f.used[user].clone()
+        f.used[user] += 1
+        f.tnode[user, slot] = trie.child[f.tnode[user, parent], code]
+        d = f.depth[user, parent] + 1
+        f.depth[user, slot] = d
+        f.prefix[user, slot] = f.prefix[user, parent]
+        f.prefix[user, slot, d - 1] = code  # forwarded prefixes are at most D - 1 codes long
+        f.logp[user, slot] = logp
+        f.visits[user, slot] = 1
+        f.child[user, parent, code] = slot
+        return slot
+
+    # 1. The root, then a width-B beam over the first init_depth levels.
+    f.tnode[:, 0], f.used[:] = 0, 1
+    forward(users, torch.zeros(u, dtype=torch.long, device=device))
+    spent = torch.ones(u, dtype=torch.long, device=device)
+    frontier = torch.zeros(u, 1, dtype=torch.long, device=device)
+    # The initial beam is narrowed when the budget is small, so that a path can still reach the items.
+    init_width = min(beam_width, max(1, (budget - 1) // max(depth - 1, 1)))
+    for level in range(min(cfg.init_depth, depth - 1)):
+        take = min(init_width, budget - int(spent.max()))
+        if take <= 0:
+            break
+        w = frontier.shape[1]
+        rows_user = users.repeat_interleave(w)
+        flat_slot = frontier.reshape(-1)
+        node = torch.where(flat_slot >= 0, f.tnode[rows_user, flat_slot.clamp_min(0)], -1)
+        score, code = trie.topk(f.logits[rows_user, flat_slot.clamp_min(0)], node,
+                                f.logp[rows_user, flat_slot.clamp_min(0)], take)
+        score, pick = score.reshape(u, w * take).topk(take, dim=1)
+        parent = frontier.gather(1, pick // take)
+        code = code.reshape(u, w * take).gather(1, pick)
+        ok = torch.isfinite(score)
+        new = torch.full_like(parent, -1)
+        for j in range(take):  # one column at a time keeps the slot bookkeeping simple
+            rows = users[ok[:, j]]
+            if len(rows):
+                new[rows, j] = add(rows, parent[rows, j], code[rows, j], score[rows, j])
+        live = new >= 0
+        forward(users.unsqueeze(1).expand_as(new)[live], new[live])
+        spent += live.sum(1)
+        frontier = new
+
+    # 2-5. Value-guided search: one expansion per user and round until every budget is spent.
+    n_children = trie.child_ptr[1:] - trie.child_ptr[:-1]
+    slots = torch.arange(budget, device=device)
+    while True:
+        active = spent < budget
+        if not active.any():
+            break
+        _, _, ucb, gate = ved_scores(f.logits, f.tnode, f.depth, f.value, f.visits, trie.child_ptr, trie.child_code,
+                                     cfg.lam, cfg.beta, depth, trie.max_children)
+        expanded = (f.child >= 0).sum(2)
+        can_grow = ((f.tnode >= 0) & (f.depth < depth - 1) & (n_children[f.tnode.clamp_min(0)] > expanded)
+                    & (gate | (slots == 0) | (not cfg.gate)))  # the root is alone at its depth: it always passes
+        # Progressive widening: a node with children takes another only once visited enough (N >= children^2).
+        may_widen = (expanded == 0) | (f.visits >= (expanded + 1) ** cfg.widen_power)
+        cur = torch.zeros(u, dtype=torch.long, device=device)
+        target = torch.full((u,), -1, dtype=torch.long, device=device)
+        walking = active.clone()
+        for _ in range(depth):  # 3. select: stop where the node may grow, else follow the largest U
+            f.visits[users[walking], cur[walking]] += 1  # 5. back up along the walk
+            grow = walking & can_grow[users, cur] & may_widen[users, cur]
+            target = torch.where(grow, cur, target)
+            kids = f.child[users, cur]
+            kid_u = torch.where(kids >= 0, ucb.gather(1, kids.clamp_min(0)), float("-inf"))
+            best_u, best = kid_u.max(1)
+            walking &= ~grow & torch.isfinite(best_u)
+            cur = torch.where(walking, kids.gather(1, best[:, None])[:, 0], cur)
+        # A walk that found nothing to grow (gated or finished leaves) falls back to the growable node with the
+        # largest U anywhere in the tree, so every round spends one forward per user.
+        fallback_u, fallback = torch.where(can_grow, ucb, float("-inf")).max(1)
+        target = torch.where((target < 0) & active & torch.isfinite(fallback_u), fallback, target)
+        go = target >= 0
+        if not go.any():  # every tree is exhausted (the whole trie is in it)
+            break
+        rows, parent = users[go], target[go]
+        # 4. The new child: sampled from the policy over the parent's valid, not yet expanded codes.
+        valid = trie.valid(f.tnode[rows, parent], width)
+        logp_child = masked_log_softmax(f.logits[rows, parent], valid)  # the policy: the score of the new prefix
+        fresh = logp_child.masked_fill(f.child[rows, parent] >= 0, float("-inf"))  # draw among unexpanded codes
+        if cfg.temperature > 0:  # Gumbel-max: a sample from softmax(logp / temperature)
+            noise = _gumbel(cfg.seed, f.tnode[rows, parent], (f.child[rows, parent] >= 0).sum(1), width)
+            code = (fresh / cfg.temperature + noise).argmax(1)
+        else:  # greedy: the most probable unexpanded code
+            code = fresh.argmax(1)
+        slot = add(rows, parent, code, f.logp[rows, parent] + logp_child.gather(1, code[:, None])[:, 0])
+        forward(rows, slot)
+        spent[rows] += 1
+
+    # 6. Complete items: the children of forwarded depth-(D - 1) prefixes.
+    last = (f.tnode >= 0) & (f.depth == depth - 1)
+    per = min(k, trie.max_children)
+    cand_logp, cand_code = trie.topk(f.logits.view(u * budget, width), torch.where(last, f.tnode, -1).view(-1),
+                                     f.logp.view(-1), per)
+    cand_logp, cand_code = cand_logp.reshape(u, budget * per), cand_code.reshape(u, budget * per)
+    prefix_node = f.tnode.repeat_interleave(per, 1)
+    items = torch.where(cand_code >= 0, trie.child[prefix_node.clamp_min(0), cand_code.clamp_min(0)], -1)
+    value = f.value.repeat_interleave(per, 1)
+    final = {"logp": cand_logp, "value": value, "mix": cand_logp + cfg.value_weight * value}[cfg.score]
+    final = torch.where(items >= 0, final, float("-inf"))
+    if exclude is not None:
+        final = final.masked_fill(exclude.gather(1, items.clamp_min(0)) & (items >= 0), float("-inf"))
+    top, at = final.topk(min(k, final.shape[1]), dim=1)
+    out_items = torch.where(torch.isfinite(top), items.gather(1, at), -1)
+    out_scores = torch.where(torch.isfinite(top), cand_logp.gather(1, at) if cfg.score == "logp" else top,
+                             float("-inf"))
+    if out_items.shape[1] < k:  # fewer candidates than k
+        pad = k - out_items.shape[1]
+        out_items = torch.cat([out_items, out_items.new_full((u, pad), -1)], 1)
+        out_scores = torch.cat([out_scores, out_scores.new_full((u, pad), float("-inf"))], 1)
+    return VedResult(out_items, out_scores, spent)

@@ -1,0 +1,138 @@
+"""VED against beam search and first principles: valid distinct items, the budget counted in real forwards, batch
+independence, determinism, and exact log-probability scores."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from genrec.config import RecommenderConfig, SemanticIdConfig, VedConfig
+from models.decoding import Trie, beam_search
+from models.recommender import Recommender
+from models.semantic_ids import PrefixTrie, build_semantic_ids
+from models.value import ValueHead, level_rewards, td_targets
+from models.ved import beam_budget, ved_decode
+
+N_ITEMS = 300
+
+
+@pytest.fixture(scope="module")
+def setup():
+    rng = np.random.default_rng(1)
+    sid = build_semantic_ids(rng.normal(size=(N_ITEMS, 16)).astype(np.float32),
+                             SemanticIdConfig(codebook_size=8, kmeans_iters=5, unique_last_level=False))
+    trie = PrefixTrie(sid.codes, sid.vocab_sizes)
+    torch.manual_seed(1)
+    cfg = RecommenderConfig(d_model=32, n_heads=2, n_layers=1, n_code_layers=2, dropout=0.0,
+                            constrained_loss=True, node_embedding=True)
+    model = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), torch.as_tensor(trie.child)).eval()
+    head = ValueHead(32).eval()
+    with torch.no_grad():
+        for p in [*model.parameters(), *head.parameters()]:
+            p.mul_(6.0)
+    return model, head, Trie.from_prefix_trie(trie), sid
+
+
+class CountingModel:
+    """Wraps the recommender and counts the prefixes it is run on (the budget's unit)."""
+
+    def __init__(self, model):
+        self.model, self.forwards = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def decode_all(self, ctx, prefix):
+        self.forwards += len(ctx)
+        return self.model.decode_all(ctx, prefix)
+
+
+@torch.no_grad()
+def exact_logp(model, trie, history, item, codes):
+    """log P(item | history) by teacher forcing, without any search."""
+    ctx = model.context(history[None])
+    states = model.decode_all(ctx, torch.as_tensor(codes[item][None, :-1]))[0]
+    node, total = 0, 0.0
+    for lv in range(trie.depth):
+        logits = model.level_logits(states[lv][None], lv, torch.tensor([node]))[0]
+        valid = trie.valid(torch.tensor([node]), logits.shape[0])[0]
+        total += float(torch.log_softmax(logits.masked_fill(~valid, float("-inf")), 0)[codes[item][lv]])
+        node = int(trie.child[node, codes[item][lv]])
+    return total
+
+
+def test_a_full_initial_beam_is_beam_search(setup):
+    model, head, trie, _ = setup
+    history = torch.tensor([[1, 2, 3], [-1, 7, 9], [4, 4, 4]])
+    for width in (1, 3, 8):
+        ved = ved_decode(model, head, trie, history, width, width, cfg=VedConfig(init_depth=trie.depth - 1))
+        beam = beam_search(model, trie, history, width, width)
+        assert torch.equal(ved.items, beam.items)
+        torch.testing.assert_close(ved.scores, beam.scores)
+        assert (ved.forwards == beam_budget(trie.depth, width)).all()
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 1000), batch=st.integers(1, 5), width=st.integers(1, 6), extra=st.integers(-3, 30),
+       k=st.integers(1, 25), init_depth=st.integers(0, 2), temperature=st.sampled_from([0.0, 1.0]),
+       score=st.sampled_from(["logp", "value", "mix"]), exclude_seen=st.booleans())
+def test_ved_returns_distinct_valid_items_within_budget(setup, seed, batch, width, extra, k, init_depth, temperature,
+                                                        score, exclude_seen):
+    model, head, trie, _ = setup
+    rng = np.random.default_rng(seed)
+    history = torch.as_tensor(rng.integers(0, N_ITEMS, (batch, 4)))
+    exclude = None
+    if exclude_seen:
+        exclude = torch.zeros(batch, N_ITEMS, dtype=torch.bool)
+        exclude[torch.arange(batch).repeat_interleave(4), history.view(-1)] = True
+    budget = max(1, beam_budget(trie.depth, width) + extra)
+    counted = CountingModel(model)
+    cfg = VedConfig(init_depth=init_depth, temperature=temperature, score=score, seed=seed)
+    res = ved_decode(counted, head, trie, history, k, width, budget, cfg, exclude)
+    assert res.items.shape == (batch, k)
+    assert (res.forwards <= budget).all() and counted.forwards == int(res.forwards.sum())  # every forward counted
+    for b in range(batch):
+        items = [i for i in res.items[b].tolist() if i >= 0]
+        assert all(0 <= i < N_ITEMS for i in items) and len(set(items)) == len(items)
+        assert (res.items[b][len(items):] == -1).all()  # results first, padding after
+        if exclude is not None:
+            assert not exclude[b, items].any()
+        if score == "logp" and items:
+            assert (res.scores[b][: len(items) - 1] >= res.scores[b][1: len(items)]).all()
+
+
+def test_scores_are_exact_log_probabilities_and_budget_is_spent(setup):
+    model, head, trie, sid = setup
+    history = torch.tensor([[5, 6, 7], [8, 9, 10]])
+    res = ved_decode(model, head, trie, history, 10, 4, budget=30)
+    assert (res.forwards == 30).all()  # the tree is far larger than the budget: all of it is spent
+    for b in range(2):
+        for item, score in zip(res.items[b].tolist(), res.scores[b].tolist()):
+            if item >= 0:
+                assert score == pytest.approx(exact_logp(model, trie, history[b], item, sid.codes), abs=1e-4)
+
+
+def test_batching_and_seed_determine_the_answer(setup):
+    model, head, trie, _ = setup
+    history = torch.as_tensor(np.random.default_rng(0).integers(0, N_ITEMS, (6, 5)))
+    together = ved_decode(model, head, trie, history, 8, 3, budget=20)
+    again = ved_decode(model, head, trie, history, 8, 3, budget=20)
+    assert torch.equal(together.items, again.items)
+    for b in range(len(history)):
+        alone = ved_decode(model, head, trie, history[b: b + 1], 8, 3, budget=20)
+        assert torch.equal(alone.items[0], together.items[b])
+        torch.testing.assert_close(alone.scores[0], together.scores[b], atol=1e-5, rtol=1e-5)
+
+
+def test_level_rewards_and_td_targets_by_hand():
+    generated = torch.tensor([[1, 2, 3, 0], [1, 5, 3, 0], [4, 2, 3, 0]])
+    target = torch.tensor([[1, 2, 3, 0]] * 3)
+    cosine = torch.tensor([1.0, 0.5, -1.0])
+    r = level_rewards(generated, target, cosine, (0.3, 0.5, 1.0))
+    assert r[0].tolist() == pytest.approx([0.3, 0.5, 1.0, 0.0])  # the target itself; the collision level earns 0
+    assert r[1].tolist() == pytest.approx([0.3, -0.25, -0.5, 0.0])  # wrong from level 2 on: -w * (1 - 0.5)
+    assert r[2].tolist() == pytest.approx([-0.6, -1.0, -2.0, 0.0])  # a later match after a miss does not count
+    values = torch.tensor([[0.1, 0.2, 0.4, 0.8]])
+    t = td_targets(values, r[:1], gamma=0.5)
+    assert t[0].tolist() == pytest.approx([0 + 0.5 * 0.2, 0.3 + 0.5 * 0.4, 0.5 + 0.5 * 0.8, 1.0 + 0.5 * 0.0])
