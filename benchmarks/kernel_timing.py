@@ -1,6 +1,6 @@
 """Time the decode-path kernels against their torch references on a real trie shape, and check parity.
 
-    python benchmarks/kernels.py --bundle bundles/beauty        # or without --bundle: a random 3 x 256 trie
+    python benchmarks/kernel_timing.py --bundle bundles/beauty        # or without --bundle: a random 3 x 256 trie
 
 On CUDA both the Triton kernels and the references run on the GPU; on CPU only the references run (the Triton
 interpreter is a correctness tool, not a speed one), so the table then shows the CPU baseline. Writes JSON.
@@ -86,8 +86,10 @@ def main():
         report["rows"].append(row)
     for r in report["rows"]:
         tri = r.get("triton_ms")
-        print(f"{r['kernel']:<18}{r['rows']:>16}{r['torch_ms']:>10.3f}{tri if tri is None else f'{tri:.3f}':>11}"
-              f"{'' if tri is None else f'{r['torch_ms'] / tri:.1f}x':>10}  {r.get('parity', 'n/a (cpu)')}")
+        tri_text = "-" if tri is None else f"{tri:.3f}"
+        speedup = "-" if tri is None else f"{r['torch_ms'] / tri:.1f}x"
+        print(f"{r['kernel']:<18}{r['rows']:>16}{r['torch_ms']:>10.3f}{tri_text:>11}{speedup:>10}  "
+              f"{r.get('parity', 'n/a (cpu)')}")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(Path(args.out)) as f:
         json.dump(report, f, indent=2)
