@@ -22,14 +22,15 @@ install: $(BIN)/.installed
 test: install
 	$(BIN)/python -m pytest
 
-# The demo bundle: synthetic sample -> item vectors, FAISS, semantic IDs -> SFT (under 2 minutes).
-# The target is the trained model, so an interrupted build or training is redone, never served half-made.
-$(DEMO_BUNDLE)/recommender.safetensors: | install
+# The demo bundle: synthetic sample -> item vectors, FAISS, semantic IDs -> SFT -> value head (about 2 minutes).
+# The target is the last artifact, so an interrupted build or training is redone, never served half-made.
+$(DEMO_BUNDLE)/value.safetensors: | install
 	$(BIN)/genrec data synth --out $(DEMO_DATA)
 	$(BIN)/genrec build --data $(DEMO_DATA) --out $(DEMO_BUNDLE) --preset demo
 	$(BIN)/genrec train sft --bundle $(DEMO_BUNDLE) --data $(DEMO_DATA)
+	$(BIN)/genrec train value --bundle $(DEMO_BUNDLE) --data $(DEMO_DATA)
 
-demo-bundle: $(DEMO_BUNDLE)/recommender.safetensors
+demo-bundle: $(DEMO_BUNDLE)/value.safetensors
 
 # Serving another bundle (BUNDLE=...) never triggers the demo build.
 serve: install $(if $(filter $(DEMO_BUNDLE),$(BUNDLE)),demo-bundle)

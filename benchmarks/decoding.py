@@ -30,7 +30,8 @@ from models.decoding import Trie
 from models.ved import beam_budget
 
 ABLATIONS = {"lam=0": {"lam": 0.0}, "beta=0.1": {"beta": 0.1}, "no gate": {"gate": False},
-             "greedy expansion": {"temperature": 0.0}, "score=mix": {"score": "mix"}, "init_depth=2": {"init_depth": 2}}
+             "beta=0": {"beta": 0.0}, "widen_power=1": {"widen_power": 1.0}, "greedy expansion": {"temperature": 0.0},
+             "score=mix": {"score": "mix"}, "init_depth=2": {"init_depth": 2}}
 
 
 def run(decoding, model, trie, head, hist, targets, k, width, ved_cfg, batch_size=256) -> dict:
@@ -59,7 +60,7 @@ def main():
     ap.add_argument("--data", required=True)
     ap.add_argument("--bundle", required=True)
     ap.add_argument("--split", default="test", choices=["valid", "test"])
-    ap.add_argument("--widths", type=int, nargs="+", default=[4, 8, 16])
+    ap.add_argument("--widths", type=int, nargs="*", default=[4, 8, 16], help="beam widths (none: ablations only)")
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--users", type=int, default=0, help="users for quality (0 = all)")
     ap.add_argument("--latency-users", type=int, default=256)
@@ -95,12 +96,12 @@ def main():
                                                        for k, v in row.items() if k not in ("decoding", "beam_width")),
                   flush=True)
 
-    if args.ablation_users:
-        m = args.ablation_users
+    if args.ablation_users:  # a seeded random sample: the users of a dataset file are not in random order
+        pick = np.sort(np.random.default_rng(0).permutation(len(split.targets))[: args.ablation_users])
         for label, change in {"beam": None, "ved (preset)": {}, **ABLATIONS}.items():
             cfg = ved_cfg.model_copy(update=change or {})
             decoding = "beam" if change is None else "ved"
-            row = {"variant": label, **run(decoding, model, trie, head, split.histories[:m], split.targets[:m],
+            row = {"variant": label, **run(decoding, model, trie, head, split.histories[pick], split.targets[pick],
                                            args.k, args.ablation_width, cfg)}
             report["ablations"].append(row)
             print(f"ablation {label}: ndcg@10 {row['ndcg@10']:.4f} recall@10 {row['recall@10']:.4f}", flush=True)
@@ -113,7 +114,7 @@ def main():
               f"{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}{r['forwards_per_request']:>9.1f}"
               f"{r['latency_ms_batch1']:>9.1f}{r['latency_ms_batch64']:>9.1f}")
     if report["ablations"]:
-        print(f"\nVED ablations at B={args.ablation_width}, first {args.ablation_users} users")
+        print(f"\nVED ablations at B={args.ablation_width}, {args.ablation_users} random users (seed 0)")
         print(f"{'variant':<20}{'R@10':>8}{'N@10':>8}")
         for r in report["ablations"]:
             print(f"{r['variant']:<20}{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}")

@@ -98,6 +98,13 @@ def _gather_ranks(ranks: np.ndarray, d: Dist) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """The checkpoint that --resume continues from, or an error that says how to start fresh."""
+    if not path.exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to start fresh")
+    return torch.load(path, weights_only=False)
+
+
 def plot_curves(history: list[dict], path: Path, keys: tuple[str, ...] = ("recall@10", "ndcg@10")) -> None:
     """Training loss (left) and the validation metrics `keys` (right) as a PNG, written atomically."""
     import matplotlib
@@ -143,9 +150,7 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
     st = TrainState()
     ckpt_path = run_dir / "checkpoint.pt"
     if resume:
-        if not ckpt_path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt_path}; run without --resume to start fresh")
-        ck = torch.load(ckpt_path, weights_only=False)
+        ck = load_checkpoint(ckpt_path)
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["torch_rng"])

@@ -26,7 +26,7 @@ from genrec.data import eval_split, load_dataset, train_sequences, train_windows
 from models.decoding import Trie, masked_log_softmax, sample
 from models.recommender import Recommender
 from models.value import ValueHead, level_rewards, td_targets
-from training.loop import plot_curves
+from training.loop import load_checkpoint, plot_curves
 
 
 class RolloutScorer:
@@ -123,9 +123,7 @@ def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | No
     state = {"epoch": 0, "step": 0, "elapsed": 0.0, "best_loss": float("inf"), "history": []}
     ckpt = run_dir / "checkpoint.pt"
     if resume:
-        if not ckpt.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {ckpt}; run without --resume to start fresh")
-        ck = torch.load(ckpt, weights_only=False)
+        ck = load_checkpoint(ckpt)
         head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])
         state = ck["state"]
