@@ -16,15 +16,21 @@ import triton
 import triton.language as tl
 
 
-def valid_children_mask(node: torch.Tensor, child_ptr: torch.Tensor, child_code: torch.Tensor,
-                        width: int) -> torch.Tensor:
-    """(R,) trie nodes (-1 = dead row) -> (R, width) bool: True at the valid child codes of each row's node."""
+def csr_entries(node: torch.Tensor, child_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R,) trie nodes (-1 = dead row) -> (row, entry), one pair per valid child of each row's node: the row, and
+    the child's index into the CSR arrays (child_code, child_target)."""
     live = node >= 0
     start = child_ptr[node.clamp_min(0)]
     count = torch.where(live, child_ptr[node.clamp_min(0) + 1] - start, 0)
     row = torch.repeat_interleave(torch.arange(len(node), device=node.device), count)
-    entry = start[row] + torch.arange(len(row), device=node.device) - torch.repeat_interleave(count.cumsum(0) - count,
-                                                                                             count)
+    first = torch.repeat_interleave(count.cumsum(0) - count, count)  # where each row's run starts
+    return row, start[row] + torch.arange(len(row), device=node.device) - first
+
+
+def valid_children_mask(node: torch.Tensor, child_ptr: torch.Tensor, child_code: torch.Tensor,
+                        width: int) -> torch.Tensor:
+    """(R,) trie nodes (-1 = dead row) -> (R, width) bool: True at the valid child codes of each row's node."""
+    row, entry = csr_entries(node, child_ptr)
     mask = torch.zeros(len(node), width, dtype=torch.bool, device=node.device)
     mask[row, child_code[entry]] = True
     return mask

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kernels import constrained_topk, masked_log_softmax, valid_children_mask
@@ -27,13 +28,34 @@ class Trie:
     child_code: torch.Tensor  # (n_edges,) ascending within a node
     depth: int
     max_children: int  # the largest fan-out (sizes the kernels' blocks)
+    item_path: torch.Tensor  # (N, D - 1) the prefix nodes of each item, depth 1 .. D - 1
 
     @classmethod
     def from_prefix_trie(cls, trie, device="cpu") -> "Trie":
-        ptr = torch.as_tensor(trie.child_ptr, device=device)
-        return cls(torch.as_tensor(trie.child, device=device), ptr,
-                   torch.as_tensor(trie.child_code, device=device), trie.depth,
-                   int((trie.child_ptr[1:] - trie.child_ptr[:-1]).max()))
+        fanout = np.diff(trie.child_ptr)
+        parent = np.repeat(np.arange(trie.n_nodes), fanout)  # of each CSR entry
+        leaf = trie.node_depth[parent] == trie.depth - 1
+        item_parent = np.empty(trie.n_items, dtype=np.int64)
+        item_parent[trie.child_target[leaf]] = parent[leaf]
+        node_parent = np.zeros(trie.n_nodes, dtype=np.int64)
+        node_parent[trie.child_target[~leaf]] = parent[~leaf]
+        path = [item_parent]
+        for _ in range(trie.depth - 2):
+            path.insert(0, node_parent[path[0]])
+        t = lambda a: torch.as_tensor(a, device=device)  # noqa: E731
+        return cls(t(trie.child), t(trie.child_ptr), t(trie.child_code), trie.depth, int(fanout.max()),
+                   t(np.stack(path, 1)))
+
+    def dead_prefixes(self, exclude: torch.Tensor) -> torch.Tensor:
+        """(B, N) excluded items -> (B, n_nodes) bool: prefixes all of whose items are excluded, so a beam that
+        entered them could only end empty."""
+        b, n_nodes = exclude.shape[0], len(self.child)
+        excluded = torch.zeros(b, n_nodes, device=exclude.device)
+        total = torch.zeros(n_nodes, device=exclude.device)
+        for d in range(self.item_path.shape[1]):
+            excluded.index_add_(1, self.item_path[:, d], exclude.float())
+            total.index_add_(0, self.item_path[:, d], torch.ones(len(self.item_path), device=exclude.device))
+        return (total > 0) & (excluded >= total)
 
     def valid(self, node: torch.Tensor, width: int) -> torch.Tensor:
         """(R,) nodes (-1 = dead) -> (R, width) bool of valid child codes."""
@@ -61,13 +83,15 @@ def beam_search(model: Recommender, trie: Trie, history: torch.Tensor, beam_widt
     state, cache = model.start(model.context(history))  # (B, d)
     node = torch.zeros(b, 1, dtype=torch.long, device=device)  # (B, W) trie node of each beam
     score = torch.zeros(b, 1, device=device)  # (B, W) log-prob of each beam's prefix
+    dead = trie.dead_prefixes(exclude) if exclude is not None else None
     for level in range(trie.depth):
         v = model.vocab_sizes[level]
         w = node.shape[1]
         logits = model.level_logits(state, level, node.view(-1))  # (B*W, V)
-        if exclude is not None and level == trie.depth - 1:  # an excluded item's logit is -inf: never chosen
-            items = trie.child[node.clamp_min(0).view(-1), :v]
-            banned = exclude.repeat_interleave(w, 0).gather(1, items.clamp_min(0)) & (items >= 0)
+        if exclude is not None:  # excluded items, and prefixes holding only excluded items, are never chosen
+            children = trie.child[node.clamp_min(0).view(-1), :v]
+            blocked = exclude if level == trie.depth - 1 else dead
+            banned = blocked.repeat_interleave(w, 0).gather(1, children.clamp_min(0)) & (children >= 0)
             logits = logits.masked_fill(banned, float("-inf"))
         # Each beam's best children first (the fused kernel), then the best of those across the row's beams.
         per_beam = min(beam_width, v)

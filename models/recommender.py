@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 
 from genrec.atomic import atomic_path
 from genrec.config import RecommenderConfig
+from kernels.constrained_topk import csr_entries
 from models.layers import Block, KVCache, causal_padding_mask, init_small, positions_left_padded
 
 
@@ -105,13 +106,7 @@ class Recommender(nn.Module):
     def _child_terms(self, hidden: torch.Tensor, level: int, node: torch.Tensor, width: int) -> torch.Tensor:
         """(R, width) with hidden . node_out[child] at each valid child code of each row's node, 0 elsewhere (and on
         rows whose node is -1, a pruned beam). Walks the CSR lists: the cost is the number of valid children."""
-        live = node >= 0
-        node = node.clamp_min(0)
-        start = self.child_ptr[node]
-        count = torch.where(live, self.child_ptr[node + 1] - start, 0)
-        row = torch.repeat_interleave(torch.arange(len(node), device=node.device), count)
-        first = torch.repeat_interleave(count.cumsum(0) - count, count)
-        entry = start[row] + torch.arange(len(row), device=node.device) - first
+        row, entry = csr_entries(node, self.child_ptr)
         target = self.child_target[entry] + (self.n_nodes if level == self.depth - 1 else 0)
         terms = (hidden[row] * self.node_out(target)).sum(-1)
         return hidden.new_zeros(len(node), width).index_put((row, self.child_code[entry]), terms)

@@ -144,3 +144,15 @@ def test_constrained_loss_is_the_decoders_item_log_probability(setup, tmp_path):
     assert loaded.cfg.constrained_loss and torch.equal(loaded.code_emb.weight, constrained.code_emb.weight)
     with torch.no_grad():
         assert loaded(torch.tensor([[5, 9, 123]]))["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
+
+
+def test_a_narrow_beam_never_walks_into_excluded_items(setup):
+    """Exclusion prunes whole prefixes whose items are all excluded, so even a width-1 beam ends on an item."""
+    model, sid, trie = setup
+    history = torch.tensor([[7, 8, 9]])
+    first = beam_search(model, trie, history, 1, 1).items[0, 0].item()
+    exclude = torch.zeros(1, N_ITEMS, dtype=torch.bool)
+    exclude[0, first] = True
+    exclude[0, torch.as_tensor(sid.codes[:, 0] == sid.codes[first, 0])] = True  # its whole first-level branch
+    got = beam_search(model, trie, history, 1, 1, exclude).items[0, 0].item()
+    assert got >= 0 and not exclude[0, got] and sid.codes[got, 0] != sid.codes[first, 0]
