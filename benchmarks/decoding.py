@@ -31,7 +31,9 @@ from models.ved import beam_budget
 
 ABLATIONS = {"lam=0": {"lam": 0.0}, "beta=0.1": {"beta": 0.1}, "no gate": {"gate": False},
              "beta=0": {"beta": 0.0}, "widen_power=1": {"widen_power": 1.0}, "greedy expansion": {"temperature": 0.0},
-             "score=mix": {"score": "mix"}, "init_depth=2": {"init_depth": 2}}
+             "score=mix": {"score": "mix"}, "init_depth=2": {"init_depth": 2},
+             "lam=0, no gate": {"lam": 0.0, "gate": False},
+             "lam=0, no gate, greedy": {"lam": 0.0, "gate": False, "temperature": 0.0}}
 
 
 def run(decoding, model, trie, head, hist, targets, k, width, ved_cfg, batch_size=256) -> dict:
