@@ -114,6 +114,8 @@ class Samples:
     items: torch.Tensor  # (B, n) catalog rows
     codes: torch.Tensor  # (B, n, D) the sampled SID codes
     logp: torch.Tensor  # (B, n) log P(item | history) under the constrained policy at temperature 1
+    states: torch.Tensor  # (B, n, D, d) decoder state of each prefix (position l: the first l codes)
+    prefix_logp: torch.Tensor  # (B, n, D) log P(first l codes | history) at temperature 1 (0 at l = 0)
 
 
 @torch.no_grad()
@@ -126,8 +128,10 @@ def sample(model: Recommender, trie: Trie, history: torch.Tensor, n: int, temper
     state, cache = model.start(model.context(history).repeat_interleave(n, 0))
     node = torch.zeros(b * n, dtype=torch.long, device=history.device)
     logp = torch.zeros(b * n, device=history.device)
-    codes = []
+    codes, states, prefix_logp = [], [], []
     for level in range(trie.depth):
+        states.append(state)
+        prefix_logp.append(logp.clone())
         logits = model.level_logits(state, level, node)
         valid = trie.valid(node, logits.shape[1])
         probs = masked_log_softmax(logits / temperature, valid).exp()
@@ -137,4 +141,5 @@ def sample(model: Recommender, trie: Trie, history: torch.Tensor, n: int, temper
         node = trie.child[node, code]
         if level < trie.depth - 1:
             state = model.step(code, level, cache)
-    return Samples(node.view(b, n), torch.stack(codes, 1).view(b, n, -1), logp.view(b, n))
+    return Samples(node.view(b, n), torch.stack(codes, 1).view(b, n, -1), logp.view(b, n),
+                   torch.stack(states, 1).view(b, n, trie.depth, -1), torch.stack(prefix_logp, 1).view(b, n, -1))

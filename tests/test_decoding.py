@@ -156,3 +156,20 @@ def test_a_narrow_beam_never_walks_into_excluded_items(setup):
     exclude[0, torch.as_tensor(sid.codes[:, 0] == sid.codes[first, 0])] = True  # its whole first-level branch
     got = beam_search(model, trie, history, 1, 1, exclude).items[0, 0].item()
     assert got >= 0 and not exclude[0, got] and sid.codes[got, 0] != sid.codes[first, 0]
+
+
+def test_samples_carry_their_prefix_states_and_log_probabilities(setup):
+    """The sampler's cached states and running log-probabilities equal a teacher-forced pass over the same codes."""
+    from models.decoding import sample
+
+    model, sid, trie = setup
+    history = torch.tensor([[1, 2, 3], [-1, 4, 5]])
+    s = sample(model, trie, history, 3, generator=torch.Generator().manual_seed(0))
+    codes = s.codes.view(-1, trie.depth)
+    with torch.no_grad():
+        ctx = model.context(history).repeat_interleave(3, 0)
+        torch.testing.assert_close(s.states.flatten(0, 1), model.decode_all(ctx, codes[:, :-1]), atol=2e-4, rtol=1e-4)
+    assert (s.prefix_logp[..., 0] == 0).all() and (s.prefix_logp.diff(dim=-1) <= 1e-6).all()
+    for b in range(2):
+        exact = exact_item_logprobs(model, sid, trie, history[b][history[b] >= 0])
+        torch.testing.assert_close(s.logp[b], exact[s.items[b]], atol=1e-4, rtol=1e-4)

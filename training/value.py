@@ -23,7 +23,7 @@ from genrec.atomic import atomic_file, atomic_path
 from genrec.bundle import Bundle, update_bundle
 from genrec.config import ValueConfig, load_preset
 from genrec.data import eval_split, load_dataset, train_sequences, train_windows
-from models.decoding import Trie, masked_log_softmax, sample
+from models.decoding import Trie, sample
 from models.recommender import Recommender
 from models.value import ValueHead, level_rewards, td_targets
 from training.loop import load_checkpoint, plot_curves
@@ -45,16 +45,8 @@ class RolloutScorer:
         n, depth = self.cfg.rollouts, self.trie.depth
         s = sample(self.policy, self.trie, history, n, self.cfg.temperature, generator)
         codes, items = s.codes.view(-1, depth), s.items.view(-1)
+        states, prefix_logp = s.states.flatten(0, 1), s.prefix_logp.view(-1, depth)
         target = target.repeat_interleave(n)
-        ctx = self.policy.context(history).repeat_interleave(n, 0)
-        states = self.policy.decode_all(ctx, codes[:, :-1])  # state l summarises the prefix of l codes
-        prefix_logp = torch.zeros(len(codes), depth)
-        node = torch.zeros(len(codes), dtype=torch.long)
-        for level in range(depth - 1):  # log P(prefix of l + 1 codes) = log P(prefix of l) + log p(c_l+1 | ...)
-            logits = self.policy.level_logits(states[:, level], level, node)
-            step = masked_log_softmax(logits, self.trie.valid(node, logits.shape[1]))
-            prefix_logp[:, level + 1] = prefix_logp[:, level] + step.gather(1, codes[:, level: level + 1])[:, 0]
-            node = self.trie.child[node, codes[:, level]]
         cosine = (self.vectors[items] * self.vectors[target]).sum(1)
         rewards = level_rewards(codes, self.codes[target], cosine, self.cfg.reward_weights)
         return (states, prefix_logp), rewards, items == target
