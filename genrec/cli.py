@@ -133,6 +133,68 @@ def train_value(
         _train_overrides(max_minutes=max_minutes, max_epochs=max_epochs, rollouts=rollouts, seed=seed))
 
 
+class Rollout(str, Enum):
+    ved = "ved"
+    beam = "beam"
+    sample = "sample"
+
+
+def parse_weights(text: str) -> dict[str, float]:
+    """'ranking=1,cosine=0.5' -> {'ranking': 1.0, 'cosine': 0.5}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, eq, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value) if eq else 1.0
+        except ValueError:
+            raise ValueError(f"--rewards: {part!r} is not NAME=WEIGHT (e.g. ranking=1,cosine=0.5)") from None
+    return out
+
+
+@train_app.command("rl")
+@clear_errors
+def train_rl(
+    bundle: BundlePath,
+    data: Data,
+    preset: Annotated[Optional[str], typer.Option(help="preset for the recipe (default: the bundle's)")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="checkpoints and curves (default runs/BUNDLE/rl)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue exactly where the run in --run-dir stopped")] = False,
+    rollout: Annotated[Optional[Rollout], typer.Option(help="how candidates are drawn")] = None,
+    group_size: Annotated[Optional[int], typer.Option(min=2, max=256, help="candidates per context (G)")] = None,
+    budget: Annotated[Optional[int], typer.Option(min=1, help="VED forwards per context")] = None,
+    rewards: Annotated[Optional[str], typer.Option(help="reward weights, e.g. ranking=1 or exact=1,cosine=0.5 "
+                                                   "(exact, ranking, cosine)")] = None,
+    grpo_weight: Annotated[Optional[float], typer.Option(min=0.0, help="group GRPO loss weight")] = None,
+    sibling_weight: Annotated[Optional[float], typer.Option(min=0.0, help="Sibling-GRPO loss weight")] = None,
+    value_weight: Annotated[Optional[float], typer.Option(min=0.0, help="value TD loss weight")] = None,
+    kl_beta: Annotated[Optional[float], typer.Option(min=0.0, help="k3 KL weight")] = None,
+    clip: Annotated[Optional[float], typer.Option(min=0.0, max=0.99, help="PPO clip (0: none)")] = None,
+    inner_epochs: Annotated[Optional[int], typer.Option(min=1, max=16, help="passes per batch")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=1, help="contexts per step")] = None,
+    micro_batch: Annotated[Optional[int], typer.Option(min=1, help="contexts per forward/backward")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="policy learning rate")] = None,
+    max_minutes: Annotated[Optional[float], typer.Option(min=0.01, help="wall-time budget in minutes")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="step limit")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(min=1, help="steps between validations")] = None,
+    valid_users: Annotated[Optional[int], typer.Option(min=16, help="validation users (default: all)")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="steps between checkpoints")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+):
+    """Sibling-GRPO reinforcement learning of the recommender from its SFT weights (VED rollouts by default)."""
+    from training.rl import train_rl as run
+
+    overrides = _train_overrides(
+        rollout=rollout.value if rollout else None, group_size=group_size, budget=budget,
+        rewards=parse_weights(rewards) if rewards is not None else None, grpo_weight=grpo_weight,
+        sibling_weight=sibling_weight, value_weight=value_weight, kl_beta=kl_beta,
+        inner_epochs=inner_epochs, batch_size=batch_size, micro_batch=micro_batch, lr=lr, max_minutes=max_minutes,
+        max_steps=max_steps, eval_every=eval_every, valid_users=valid_users, checkpoint_every=checkpoint_every,
+        seed=seed)
+    if clip is not None:
+        overrides["clip"] = clip or None  # 0 turns clipping off
+    run(bundle, data, preset, run_dir, resume, overrides)
+
+
 class Decoding(str, Enum):
     beam = "beam"
     ved = "ved"

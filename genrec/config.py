@@ -51,12 +51,19 @@ class RecommenderConfig(Frozen):
     node_embedding: bool = Field(
         False, description="give every trie node and item its own output vector, added to its code embedding "
         "(item-level capacity where a prefix already narrows to a few items); needs constrained_loss")
+    tie_item_vectors: bool = Field(
+        False, description="with node_embedding and item_embedding: an item's output vector is its input item "
+        "embedding (as in SASRec), so a rare item learns from every history it appears in as well as every time it "
+        "is the target")
 
     @model_validator(mode="after")
     def _node_embedding_needs_constrained_loss(self):
         if self.node_embedding and not self.constrained_loss:
             raise ValueError("recommender.node_embedding needs recommender.constrained_loss: true (a code's node "
                              "term exists only where the code is a valid child)")
+        if self.tie_item_vectors and not (self.node_embedding and self.item_embedding):
+            raise ValueError("recommender.tie_item_vectors needs node_embedding: true and item_embedding: true "
+                             "(it shares the item's input embedding with its output vector)")
         return self
 
 
@@ -116,6 +123,45 @@ class VedConfig(Frozen):
     seed: int = Field(0, description="seed of the sampled expansions (VED is deterministic under it)")
 
 
+class RlConfig(Frozen):
+    """`genrec train rl`: Sibling-GRPO from the SFT policy (DESIGN.md, Sibling-GRPO)."""
+
+    rollout: Literal["ved", "beam", "sample"] = Field("ved", description="how the G candidates of a context are "
+                                                      "drawn: VED, constrained beam search, or constrained sampling")
+    group_size: int = Field(16, ge=2, le=256, description="candidates per user context (G)")
+    budget: int | None = Field(None, ge=1, description="VED forwards per context (default: width-G beam search's)")
+    temperature: float = Field(1.0, gt=0.0, le=10.0, description="temperature of sampled rollouts")
+    rewards: dict[Literal["exact", "ranking", "cosine"], float] = Field(
+        {"ranking": 1.0}, description="reward weights: 'exact' (1 for the target), 'ranking' (1 for the target, and "
+        "MiniOneRec's rank-aware penalty for wrong candidates above it), 'cosine' (item-vector similarity to the "
+        "target)")
+    grpo_weight: float = Field(1.0, ge=0.0, description="weight of the group GRPO loss")
+    sibling_weight: float = Field(1.0, ge=0.0, description="weight of the Sibling-GRPO loss")
+    value_weight: float = Field(1.0, ge=0.0, description="weight of the value head's TD loss")
+    kl_beta: float = Field(1e-3, ge=0.0, description="weight of the k3 KL to the frozen SFT reference")
+    clip: float | None = Field(0.2, gt=0.0, lt=1.0, description="PPO ratio clipping (null: no clipping)")
+    inner_epochs: int = Field(1, ge=1, le=16, description="optimisation passes over each batch of rollouts")
+    batch_size: int = Field(64, ge=1, le=65536, description="user contexts per step (global, over all ranks)")
+    micro_batch: int | None = Field(None, ge=1, le=65536, description="contexts per forward/backward on each rank "
+                                    "(gradient accumulation; default: the whole batch at once)")
+    lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate of the policy")
+    value_lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the value head")
+    max_steps: int = Field(100_000, ge=1, description="stop after this many steps")
+    max_minutes: float = Field(60.0, gt=0, description="wall-time budget (validation excluded)")
+    eval_every: int = Field(100, ge=1, description="validate every N steps")
+    valid_users: int | None = Field(None, ge=16, description="validation users (default: the full split)")
+    beam_width: int = Field(20, ge=1, le=1024, description="beam width of validation decoding")
+    patience: int = Field(5, ge=1, description="early stop after N validations without a better NDCG@10")
+    checkpoint_every: int = Field(50, ge=1, description="write a resumable checkpoint every N steps")
+    seed: int = Field(0, description="seed of the context order, the rollouts and the reward noise")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not any(self.rewards.values()):
+            raise ValueError("rl.rewards needs at least one non-zero weight, e.g. {ranking: 1.0}")
+        return self
+
+
 class Preset(Frozen):
     """One named bundle recipe: how to embed, quantize, index, and train."""
 
@@ -128,6 +174,7 @@ class Preset(Frozen):
     sasrec_train: TrainConfig = TrainConfig(lr=1e-3, max_minutes=10.0, patience=4)
     value: ValueConfig = ValueConfig()
     ved: VedConfig = VedConfig()
+    rl: RlConfig = RlConfig()
 
 
 def preset_names() -> list[str]:

@@ -249,3 +249,15 @@ def popularity(seqs: list[np.ndarray], n_items: int) -> np.ndarray:
     for s in seqs:
         np.add.at(counts, s, 1)
     return counts
+
+
+def train_pairs(seqs: list[np.ndarray], max_history: int = MAX_HISTORY) -> Split:
+    """Every (history, next item) pair of the training sequences, one example each (for RL contexts): the history
+    is the up to max_history items before the target. Users are the sequence indices."""
+    users, hist, targets = [], [], []
+    for u, s in enumerate(seqs):
+        for t in range(1, len(s)):
+            users.append(u)
+            hist.append(s[max(0, t - max_history): t])
+            targets.append(s[t])
+    return Split(np.array(users, dtype=np.int64), _pad_left(hist, max_history), np.array(targets, dtype=np.int64))

@@ -42,7 +42,7 @@ class Recommender(nn.Module):
         self.register_buffer("trie_child", trie_child, persistent=False)  # (n_nodes, V) or None
         self.node_out = None
         if cfg.node_embedding:
-            assert trie_child is not None, "node_embedding: build the model with the trie's child table"  # one output vector per trie node below the root, then one per item (the leaves)
+            assert trie_child is not None, "node_embedding: build the model with the trie's child table"
             n_nodes = len(trie_child)
             rows, codes = (trie_child >= 0).nonzero(as_tuple=True)  # CSR, grouped by node, codes ascending
             self.register_buffer("child_ptr", torch.cat([torch.zeros(1, dtype=torch.long),
@@ -50,7 +50,9 @@ class Recommender(nn.Module):
             self.register_buffer("child_code", codes, persistent=False)
             self.register_buffer("child_target", trie_child[rows, codes], persistent=False)
             self.n_nodes = n_nodes
-            self.node_out = nn.Embedding(n_nodes + len(item_codes), d)
+            # One output vector per trie node below the root, then one per item (the leaves), unless the items share
+            # their input embeddings (tie_item_vectors).
+            self.node_out = nn.Embedding(n_nodes + (0 if cfg.tie_item_vectors else len(item_codes)), d)
         self.code_emb = nn.Embedding(sum(self.vocab_sizes), d)
         self.item_emb = nn.Embedding(len(item_codes), d) if cfg.item_embedding else None
         self.item_pos = nn.Embedding(cfg.max_history, d)
@@ -107,8 +109,14 @@ class Recommender(nn.Module):
         """(R, width) with hidden . node_out[child] at each valid child code of each row's node, 0 elsewhere (and on
         rows whose node is -1, a pruned beam). Walks the CSR lists: the cost is the number of valid children."""
         row, entry = csr_entries(node, self.child_ptr)
-        target = self.child_target[entry] + (self.n_nodes if level == self.depth - 1 else 0)
-        terms = (hidden[row] * self.node_out(target)).sum(-1)
+        target = self.child_target[entry]
+        if level < self.depth - 1:
+            vectors = self.node_out(target)
+        elif self.cfg.tie_item_vectors:
+            vectors = self.item_emb(target)
+        else:
+            vectors = self.node_out(target + self.n_nodes)
+        terms = (hidden[row] * vectors).sum(-1)
         return hidden.new_zeros(len(node), width).index_put((row, self.child_code[entry]), terms)
 
     def decode_all(self, ctx: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
@@ -138,6 +146,27 @@ class Recommender(nn.Module):
         return self.decode_step(self.drop(x).unsqueeze(1), cache)
 
     # ---- training --------------------------------------------------------------------------------------------
+    def path_log_probs(self, ctx: torch.Tensor, codes: torch.Tensor, with_entropy: bool = False):
+        """Teacher forcing through the trie: ctx (R, d), codes (R, D) raw codes of real items -> the constrained
+        log-probability of each code given its prefix (R, D) (a level's softmax is over the prefix's valid children),
+        the decoder state of each prefix (R, D, d) (position l: the first l codes), and with_entropy, the entropy of
+        each level's constrained distribution (R, D)."""
+        assert self.trie_child is not None, "path_log_probs: build the model with the trie's child table"
+        states = self.decode_all(ctx, codes[:, :-1])
+        node = torch.zeros(len(codes), dtype=torch.long, device=codes.device)  # trie root
+        logps, entropies = [], []
+        for lv in range(self.depth):
+            children = self.trie_child[node, : self.vocab_sizes[lv]]
+            logits = self.level_logits(states[:, lv], lv, node).masked_fill(children < 0, float("-inf"))
+            logp = logits.log_softmax(-1)
+            logps.append(logp.gather(1, codes[:, lv: lv + 1])[:, 0])
+            if with_entropy:
+                entropies.append(-(logp.exp() * logp.masked_fill(children < 0, 0.0)).sum(1))
+            node = children.gather(1, codes[:, lv: lv + 1])[:, 0]
+        if with_entropy:
+            return torch.stack(logps, 1), states, torch.stack(entropies, 1)
+        return torch.stack(logps, 1), states
+
     def forward(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
         """windows: (B, T + 1) catalog rows, -1 left padding. Next-item cross-entropy over every SID level, summed
         over levels and averaged over all valid (history, next item) pairs."""
@@ -145,18 +174,13 @@ class Recommender(nn.Module):
         valid = (inputs >= 0) & (targets >= 0)
         h = self.encode_history(inputs)[valid]  # (M, d)
         target_codes = self.item_codes[targets[valid]] - self.code_offset  # (M, D) raw codes
-        states = self.decode_all(h, target_codes[:, :-1])  # (M, D, d)
-        losses, node = [], torch.zeros(len(target_codes), dtype=torch.long, device=windows.device)  # trie root
-        for lv in range(self.depth):
-            logits = self.level_logits(states[:, lv], lv, node)  # (M, V_lv)
-            if self.cfg.constrained_loss:  # decoding never needs the table; training with this loss does
-                assert self.trie_child is not None, "constrained_loss: build the model with the trie's child table"
-                children = self.trie_child[node, : self.vocab_sizes[lv]]
-                logits = logits.masked_fill(children < 0, float("-inf"))
-                node = children.gather(1, target_codes[:, lv: lv + 1])[:, 0]
-            losses.append(F.cross_entropy(logits, target_codes[:, lv]))
-        return {"loss": torch.stack(losses).sum(), "level_losses": torch.stack(losses).detach(),
-                "pairs": torch.tensor(int(valid.sum()))}
+        if self.cfg.constrained_loss:  # each level's softmax over the trie-valid children only
+            losses = -self.path_log_probs(h, target_codes)[0].mean(0)
+        else:
+            states = self.decode_all(h, target_codes[:, :-1])  # (M, D, d)
+            losses = torch.stack([F.cross_entropy(self.level_logits(states[:, lv], lv), target_codes[:, lv])
+                                  for lv in range(self.depth)])
+        return {"loss": losses.sum(), "level_losses": losses.detach(), "pairs": torch.tensor(int(valid.sum()))}
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
