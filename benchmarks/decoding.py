@@ -6,8 +6,8 @@ The bundle needs a trained recommender (`genrec train sft`) and value head (`gen
 B, both decoders get the budget of width-B beam search, 1 + (D - 1) * B model forwards per user. Quality is measured
 on every user of the split (or --users); latency per request at batch 1 (one user per call) and at batch 64 (the wall
 time of a 64-user call, which is what each of its requests waits), on --latency-users users. Ablations of VED (lam,
-beta, gate, expansion temperature, final score) run at one width on --ablation-users users. Prints a table and writes
-JSON.
+beta, gate, expansion temperature, final score) run at one width on --ablation-users users, and VED with an oracle
+value (1 on the target's path): how far better guidance alone would take the search. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -35,6 +35,9 @@ ABLATIONS = {"lam=0": {"lam": 0.0}, "beta=0.1": {"beta": 0.1}, "no gate": {"gate
              "lam=0, no gate": {"lam": 0.0, "gate": False},
              "lam=0, no gate, greedy": {"lam": 0.0, "gate": False, "temperature": 0.0}}
 
+ORACLES = {"oracle value": {}, "oracle value, lam=0": {"lam": 0.0},
+           "oracle value, lam=0, greedy": {"lam": 0.0, "temperature": 0.0}}
+
 
 def run(decoding, model, trie, head, hist, targets, k, width, ved_cfg, batch_size=256) -> dict:
     t0 = time.perf_counter()
@@ -42,6 +45,29 @@ def run(decoding, model, trie, head, hist, targets, k, width, ved_cfg, batch_siz
     out = ranking_metrics(topk, targets)
     out.update(invalid_rate=invalid_rate(topk), filled=float((topk >= 0).mean()),
                forwards_per_request=float(forwards.mean()), seconds=round(time.perf_counter() - t0, 2))
+    return out
+
+
+def run_oracle(model, trie, hist, targets, k, width, ved_cfg, batch_size=256) -> dict:
+    """VED whose value is an oracle: 1 on the target's trie path, 0 elsewhere. The final score stays the policy's
+    log-probability, so the oracle only steers which prefixes the search spends its forwards on. If even this VED
+    does not beat beam search, the search itself, not the value estimate, is what limits it."""
+    from models.ved import ved_decode
+
+    topk, forwards = [], []
+    for s in range(0, len(hist), batch_size):
+        h, tgt = torch.as_tensor(hist[s: s + batch_size]), torch.as_tensor(targets[s: s + batch_size])
+        path = trie.item_path[tgt]  # (U, D - 1) the target's prefix nodes
+
+        def oracle(user, node, depth):
+            return torch.ones(len(user)) if depth == 0 else (path[user, depth - 1] == node).float()
+
+        rec = ved_decode(model, None, trie, h, k, width, None, ved_cfg, values=oracle)
+        topk.append(rec.items.numpy())
+        forwards.append(rec.forwards.numpy())
+    topk = np.concatenate(topk)
+    out = ranking_metrics(topk, targets)
+    out.update(invalid_rate=invalid_rate(topk), forwards_per_request=float(np.concatenate(forwards).mean()))
     return out
 
 
@@ -107,6 +133,11 @@ def main():
                                            args.k, args.ablation_width, cfg)}
             report["ablations"].append(row)
             print(f"ablation {label}: ndcg@10 {row['ndcg@10']:.4f} recall@10 {row['recall@10']:.4f}", flush=True)
+        for label, change in ORACLES.items():
+            row = {"variant": label, **run_oracle(model, trie, split.histories[pick], split.targets[pick], args.k,
+                                                  args.ablation_width, ved_cfg.model_copy(update=change))}
+            report["ablations"].append(row)
+            print(f"ablation {label}: ndcg@10 {row['ndcg@10']:.4f} recall@10 {row['recall@10']:.4f}", flush=True)
 
     print(f"\n{name}, {args.split} split, {n} users, full ranking; budget = 1 + (D - 1) * B forwards per request")
     print(f"{'decoding':<10}{'B':>4}{'budget':>8}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}{'fwd/req':>9}"
@@ -117,9 +148,9 @@ def main():
               f"{r['latency_ms_batch1']:>9.1f}{r['latency_ms_batch64']:>9.1f}")
     if report["ablations"]:
         print(f"\nVED ablations at B={args.ablation_width}, {args.ablation_users} random users (seed 0)")
-        print(f"{'variant':<20}{'R@10':>8}{'N@10':>8}")
+        print(f"{'variant':<30}{'R@10':>8}{'N@10':>8}")
         for r in report["ablations"]:
-            print(f"{r['variant']:<20}{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}")
+            print(f"{r['variant']:<30}{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as f:
         json.dump(report, f, indent=2)

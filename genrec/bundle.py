@@ -83,16 +83,16 @@ def read_manifest(path: str | Path) -> dict:
 
 
 def write_bundle(path: str | Path, manifest: dict, writers: dict[str, Callable[[Path], None]],
-                 base: str | Path | None = None) -> dict:
+                 base: str | Path | None = None, drop: tuple[str, ...] = ()) -> dict:
     """Write a bundle atomically. `writers` maps relative file names to functions that write them; files of `base`
-    (an existing bundle) not named in `writers` are carried over by hard link. Returns the manifest written."""
+    (an existing bundle) not named in `writers` or `drop` are carried over by hard link. Returns the manifest."""
     path = Path(path)
     with atomic_dir(path) as tmp:
         files = {}
         if base is not None:
             old = read_manifest(base)
             for name in old["files"]:
-                if name not in writers:
+                if name not in writers and name not in drop:
                     (tmp / name).parent.mkdir(parents=True, exist_ok=True)
                     _link_or_copy(Path(base) / name, tmp / name)
                     files[name] = old["files"][name]
@@ -107,14 +107,20 @@ def write_bundle(path: str | Path, manifest: dict, writers: dict[str, Callable[[
     return manifest
 
 
-def update_bundle(path: str | Path, writers: dict[str, Callable[[Path], None]], **manifest_updates) -> dict:
-    """A new version of bundle `path` with some files replaced or added and manifest keys updated."""
+def update_bundle(path: str | Path, writers: dict[str, Callable[[Path], None]], drop: tuple[str, ...] = (),
+                  **manifest_updates) -> dict:
+    """A new version of bundle `path` with some files replaced or added, the files in `drop` removed, and manifest
+    keys updated (dicts are merged; a None value inside one removes that key)."""
     old = read_manifest(path)
     manifest = {k: v for k, v in old.items() if k not in ("files", "libraries", "written_at")}
     manifest["version"] = int(old.get("version", 1)) + 1
     for key, value in manifest_updates.items():
-        manifest[key] = {**manifest.get(key, {}), **value} if isinstance(value, dict) else value
-    return write_bundle(path, manifest, writers, base=path)
+        if isinstance(value, dict):
+            merged = {**manifest.get(key, {}), **value}
+            manifest[key] = {k: v for k, v in merged.items() if v is not None}
+        else:
+            manifest[key] = value
+    return write_bundle(path, manifest, writers, base=path, drop=drop)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

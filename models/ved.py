@@ -74,8 +74,10 @@ class _Forest:
 @torch.no_grad()
 def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: torch.Tensor, k: int,
                beam_width: int, budget: int | None = None, cfg: VedConfig = VedConfig(),
-               exclude: torch.Tensor | None = None) -> VedResult:
-    """history (U, T) catalog rows, -1 left padding -> the top-k items per user found within `budget` forwards."""
+               exclude: torch.Tensor | None = None, values=None) -> VedResult:
+    """history (U, T) catalog rows, -1 left padding -> the top-k items per user found within `budget` forwards.
+    values: optional values(user, trie_node, depth) -> V that replaces the value head (benchmarks/decoding.py runs
+    VED with an oracle value this way, to tell the search apart from the value estimate)."""
     depth, device = trie.depth, history.device
     budget = beam_budget(depth, beam_width) if budget is None else budget
     assert budget >= 1, "budget must allow the root forward"
@@ -94,7 +96,8 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
             state = states[at, level]
             logits = model.level_logits(state, level, f.tnode[user[at], slot[at]])
             f.logits[user[at], slot[at], : logits.shape[1]] = logits
-            f.value[user[at], slot[at]] = value_head(state, f.logp[user[at], slot[at]])
+            f.value[user[at], slot[at]] = (value_head(state, f.logp[user[at], slot[at]]) if values is None
+                                           else values(user[at], f.tnode[user[at], slot[at]], level))
 
     def add(user: torch.Tensor, parent: torch.Tensor, code: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
         """New slots for child `code` of `parent`, one per row; returns their slots."""

@@ -37,3 +37,14 @@ def test_resume_without_a_checkpoint_says_how_to_start(tmp_path, demo_bundle, de
     res = run_cli("train", "value", "--bundle", demo_bundle, "--data", demo_data, "--run-dir", tmp_path / "none",
                   "--resume", check=False)
     assert res.returncode == 2 and "run without --resume to start fresh" in res.stderr
+
+
+def test_a_new_sft_policy_drops_the_stale_value_head(tmp_path, demo_bundle, demo_data):
+    b = tmp_path / "b"
+    shutil.copytree(demo_bundle, b)
+    run_cli("train", "value", "--bundle", b, "--data", demo_data, "--run-dir", tmp_path / "v", "--max-epochs", "1")
+    assert Bundle.load(b).has("value.safetensors")
+    res = run_cli("train", "sft", "--bundle", b, "--data", demo_data, "--run-dir", tmp_path / "s", "--max-steps", "2")
+    bundle = Bundle.load(b)
+    assert not bundle.has("value.safetensors") and not (b / "value.safetensors").exists()
+    assert "value" not in bundle.manifest["training"] and "genrec train value" in res.stdout

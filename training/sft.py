@@ -58,9 +58,15 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
     summary = _summary(st, cfg, windows)
     if d.main:
         model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
-        update_bundle(bundle_path, {"recommender.safetensors": model.save}, training={"sft": summary},
+        # A value head (and any RL result) belongs to the policy it was fitted to: a new policy drops them.
+        stale = bundle.has("value.safetensors")
+        update_bundle(bundle_path, {"recommender.safetensors": model.save}, drop=("value.safetensors",),
+                      training={"sft": summary, "value": None, "rl": None},
                       preset={**bundle.manifest["preset"], "recommender": preset.recommender.model_dump(),
                               "sft": cfg.model_dump()})
+        if stale:
+            log("sft: the bundle's value head was fitted to the previous policy and is dropped: run "
+                "`genrec train value` again before VED decoding")
         log(f"sft: best validation ndcg@10 {st.best_ndcg:.4f} at step {st.best_step}; "
             f"{st.step} steps in {st.elapsed / 60:.1f} min; recommender written to {bundle_path}")
     return summary
