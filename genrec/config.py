@@ -146,7 +146,7 @@ class RlConfig(Frozen):
                                     "(gradient accumulation; default: the whole batch at once)")
     lr: float = Field(1e-4, gt=0, le=1.0, description="AdamW learning rate of the policy")
     value_lr: float = Field(1e-3, gt=0, le=1.0, description="AdamW learning rate of the value head")
-    max_steps: int = Field(100_000, ge=1, description="stop after this many steps")
+    max_steps: int | None = Field(None, ge=1, description="stop after this many steps (default: no limit)")
     max_minutes: float = Field(60.0, gt=0, description="wall-time budget (validation excluded)")
     eval_every: int = Field(100, ge=1, description="validate every N steps")
     valid_users: int | None = Field(None, ge=16, description="validation users (default: the full split)")

@@ -125,3 +125,32 @@ def test_bad_reward_weights_are_named(tmp_path, demo_bundle, demo_data):
     res = run_cli("train", "rl", "--bundle", demo_bundle, "--data", demo_data, "--rewards", "popularity=1",
                   "--rollout", "beam", check=False)
     assert res.returncode == 2 and "rewards" in res.stderr
+
+
+def test_two_ranks_train_like_one(tmp_path, demo_bundle, demo_data):
+    """Under torchrun each rank takes half of every batch; losses are normalised by global counts and gradients
+    summed, so two ranks reach the weights one process reaches (up to float summation order)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    args = ["train", "rl", "--data", str(demo_data), "--rollout", "beam", "--batch-size", "16", "--max-steps", "2",
+            "--eval-every", "2", "--valid-users", "200", "--lr", "3e-4"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for b in (one, two):
+        shutil.copytree(demo_bundle, b)
+    run_cli(*args, "--bundle", one, "--run-dir", tmp_path / "r1")
+    exe = str(Path(sys.executable).with_name("genrec"))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           exe, *args, "--bundle", str(two), "--run-dir", str(tmp_path / "r2")],
+                          capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = evals(tmp_path / "r1"), evals(tmp_path / "r2")
+    assert [r["users"] for r in b] == [200, 200]  # the ranks' validation shards cover every user once
+    ck1, ck2 = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in ("r1", "r2"))
+    moved = 0.0
+    for name, p in ck1["policy"].items():
+        torch.testing.assert_close(ck2["policy"][name], p, atol=1e-5, rtol=1e-4, msg=name)
+        moved = max(moved, float((p - ck1["reference"][name]).abs().max()))
+    assert moved > 1e-4  # the two steps did move the policy

@@ -285,7 +285,7 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     bar = tqdm(total=cfg.max_steps, initial=st.step, desc="rl", unit="step", disable=not d.main)
     stop = False
     clock = time.time()
-    while not stop and st.step < cfg.max_steps and st.elapsed < cfg.max_minutes * 60:
+    while not stop and st.step < (cfg.max_steps or math.inf) and st.elapsed < cfg.max_minutes * 60:
         epoch, b = divmod(st.step, per_epoch)
         order = np.random.default_rng([cfg.seed, epoch]).permutation(len(pairs.targets))
         idx = np.array_split(order[b * cfg.batch_size: (b + 1) * cfg.batch_size], d.world)[d.rank]
@@ -300,7 +300,8 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
         clock = now
         stats = {**_rollout_stats(r), **parts}
         bar.update(1)
-        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.4f}")
+        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.4f}",
+                        minutes=f"{st.elapsed / 60:.1f}/{cfg.max_minutes:g}")
         if st.step % 10 == 0:
             record({"step": st.step, "loss": sum(parts[k] for k in ("grpo_loss", "sibling_loss")), **stats})
         if st.step % cfg.eval_every == 0:
