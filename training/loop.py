@@ -90,7 +90,7 @@ def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
     return {f"{m}@{k}": f(ranks, k) for k in (5, 10) for m, f in (("recall", recall_at), ("ndcg", ndcg_at))}
 
 
-def _gather_ranks(ranks: np.ndarray, d: Dist) -> np.ndarray:
+def gather_ranks(ranks: np.ndarray, d: Dist) -> np.ndarray:
     if d.world == 1:
         return ranks
     parts = [None] * d.world
@@ -175,7 +175,7 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
         """Evaluate, keep the best weights; returns True when early stopping triggers."""
         model.eval()
         with torch.no_grad():
-            ranks = _gather_ranks(evaluate(model, d), d)
+            ranks = gather_ranks(evaluate(model, d), d)
         model.train()
         m = metrics_from_ranks(ranks)
         record({"step": st.step, "epoch": st.epoch, **m, "users": int(len(ranks)), "elapsed_s": round(st.elapsed, 1)})

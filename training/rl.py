@@ -41,7 +41,7 @@ from models.grpo import combined_reward, group_advantages, k3_kl, policy_ratio_l
 from models.recommender import Recommender
 from models.value import ValueHead, level_rewards, td_targets
 from models.ved import ved_decode
-from training.loop import Dist, init_distributed, load_checkpoint, metrics_from_ranks, plot_curves
+from training.loop import Dist, gather_ranks, init_distributed, load_checkpoint, metrics_from_ranks, plot_curves
 
 
 @dataclass
@@ -254,11 +254,7 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     def validate() -> bool:
         """Validation Recall/NDCG by beam search; keeps the best weights; True when early stopping triggers."""
         with torch.no_grad():
-            ranks = recommender_ranks(policy, trie, valid, cfg.beam_width, (d.rank, d.world))
-        if d.world > 1:
-            parts = [None] * d.world
-            dist.all_gather_object(parts, ranks)
-            ranks = np.concatenate(parts)
+            ranks = gather_ranks(recommender_ranks(policy, trie, valid, cfg.beam_width, (d.rank, d.world)), d)
         m = metrics_from_ranks(ranks)
         record({"step": st.step, **m, "users": int(len(ranks)), "elapsed_s": round(st.elapsed, 1)})
         if m["ndcg@10"] > st.best_ndcg:
