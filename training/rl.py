@@ -41,7 +41,8 @@ from models.grpo import combined_reward, group_advantages, k3_kl, policy_ratio_l
 from models.recommender import Recommender
 from models.value import ValueHead, level_rewards, td_targets
 from models.ved import ved_decode
-from training.loop import Dist, gather_ranks, init_distributed, load_checkpoint, metrics_from_ranks, plot_curves
+from training.loop import (Dist, gather_ranks, init_distributed, load_checkpoint, metrics_from_ranks,
+                           plot_curves)
 
 
 @dataclass
@@ -75,7 +76,8 @@ def draw_candidates(policy: Recommender, value_head: ValueHead, trie: Trie, hist
     if cfg.rollout == "beam":
         return beam_search(policy, trie, history, g, g).items
     if cfg.rollout == "ved":
-        return ved_decode(policy, value_head, trie, history, g, g, cfg.budget, ved.model_copy(update={"seed": seed})).items
+        return ved_decode(policy, value_head, trie, history, g, g, cfg.budget,
+                          ved.model_copy(update={"seed": seed})).items
     s = sample(policy, trie, history, g, cfg.temperature, generator)
     order = s.logp.argsort(1, descending=True)  # most probable first, so a rank means what it does for a beam
     return s.items.gather(1, order)
@@ -105,7 +107,8 @@ def make_rollouts(policy: Recommender, reference: Recommender, value_head: Value
     dense = level_rewards(cand_codes.flatten(0, 1), codes[target].repeat_interleave(g, 0), cosine.flatten(),
                           reward_weights).view(u, g, -1)
     old, ref = (_candidate_logp(m, history, cand_codes)[0] for m in (policy, reference))
-    return Rollouts(history, target, items, cand_codes, rewards, dense, group_advantages(rewards, valid), adv, first, old, ref)
+    return Rollouts(history, target, items, cand_codes, rewards, dense, group_advantages(rewards, valid), adv, first,
+                    old, ref)
 
 
 def _candidate_logp(model: Recommender, history: torch.Tensor, codes: torch.Tensor):
