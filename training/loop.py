@@ -105,6 +105,24 @@ def load_checkpoint(path: Path) -> dict:
     return torch.load(path, weights_only=False)
 
 
+def save_weights(module: torch.nn.Module, path: Path) -> None:
+    """A module's state dict as safetensors, written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+
+
+def track_best(st, ndcg: float, save_best: Callable[[], None]) -> None:
+    """Early-stopping bookkeeping shared by the trainers: `st` has step, best_ndcg, best_step and evals_since_best;
+    a new best validation NDCG@10 calls save_best()."""
+    if ndcg > st.best_ndcg:
+        st.best_ndcg, st.best_step, st.evals_since_best = ndcg, st.step, 0
+        save_best()
+    else:
+        st.evals_since_best += 1
+
+
 def plot_curves(history: list[dict], path: Path, keys: tuple[str, ...] = ("recall@10", "ndcg@10")) -> None:
     """Training loss (left) and the validation metrics `keys` (right) as a PNG, written atomically."""
     import matplotlib
@@ -135,8 +153,6 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
     evaluate(model, dist) returns the 0-based rank of each validation target among this rank's shard of users
     (-1 = miss). The best weights by validation NDCG@10 are kept in run_dir/best.safetensors.
     """
-    from safetensors.torch import save_file
-
     d = d or Dist()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +187,10 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
+    def save_best() -> None:
+        if d.main:
+            save_weights(model, run_dir / "best.safetensors")
+
     def run_eval() -> bool:
         """Evaluate, keep the best weights; returns True when early stopping triggers."""
         model.eval()
@@ -179,13 +199,7 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
         model.train()
         m = metrics_from_ranks(ranks)
         record({"step": st.step, "epoch": st.epoch, **m, "users": int(len(ranks)), "elapsed_s": round(st.elapsed, 1)})
-        if m["ndcg@10"] > st.best_ndcg:
-            st.best_ndcg, st.best_step, st.evals_since_best = m["ndcg@10"], st.step, 0
-            if d.main:
-                with atomic_path(run_dir / "best.safetensors") as tmp:
-                    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-        else:
-            st.evals_since_best += 1
+        track_best(st, m["ndcg@10"], save_best)
         if d.main:
             tqdm.write(f"[{desc}] step {st.step} epoch {st.epoch}: valid recall@10 {m['recall@10']:.4f} "
                        f"ndcg@10 {m['ndcg@10']:.4f} (best {st.best_ndcg:.4f} at step {st.best_step})")

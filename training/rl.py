@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
 from genrec.atomic import atomic_file, atomic_path
@@ -42,7 +42,7 @@ from models.recommender import Recommender
 from models.value import ValueHead, level_rewards, td_targets
 from models.ved import ved_decode
 from training.loop import (Dist, gather_ranks, init_distributed, load_checkpoint, metrics_from_ranks,
-                           plot_curves)
+                           plot_curves, save_weights, track_best)
 
 
 @dataclass
@@ -254,20 +254,18 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
                             "value_head": value_head.state_dict(), "optimizer": opt.state_dict(),
                             "state": st.__dict__}, tmp)
 
+    def save_best() -> None:
+        if d.main:
+            save_weights(policy, run_dir / "best-policy.safetensors")
+            save_weights(value_head, run_dir / "best-value.safetensors")
+
     def validate() -> bool:
         """Validation Recall/NDCG by beam search; keeps the best weights; True when early stopping triggers."""
         with torch.no_grad():
             ranks = gather_ranks(recommender_ranks(policy, trie, valid, cfg.beam_width, (d.rank, d.world)), d)
         m = metrics_from_ranks(ranks)
         record({"step": st.step, **m, "users": int(len(ranks)), "elapsed_s": round(st.elapsed, 1)})
-        if m["ndcg@10"] > st.best_ndcg:
-            st.best_ndcg, st.best_step, st.evals_since_best = m["ndcg@10"], st.step, 0
-            if d.main:
-                for name, module in (("best-policy", policy), ("best-value", value_head)):
-                    with atomic_path(run_dir / f"{name}.safetensors") as tmp:
-                        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp))
-        else:
-            st.evals_since_best += 1
+        track_best(st, m["ndcg@10"], save_best)
         if d.main:
             tqdm.write(f"[rl] step {st.step}: valid recall@10 {m['recall@10']:.4f} ndcg@10 {m['ndcg@10']:.4f} "
                        f"(best {st.best_ndcg:.4f} at step {st.best_step})")
