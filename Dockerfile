@@ -41,7 +41,7 @@ RUN pip install --upgrade pip \
 COPY . .
 RUN pip install -e . \
     && if [ "$FAISS_PACKAGE" != faiss-cpu ]; then pip uninstall -y faiss-cpu && pip install "$FAISS_PACKAGE"; fi \
-    && pip install "$ORT_PACKAGE" \
+    && if [ "$ORT_PACKAGE" != onnxruntime ]; then pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; fi \
     && python -c "import server.protos" \
     && useradd --system --no-create-home genrec
 # ^ generates the gRPC stubs now, as root, so the unprivileged runtime user only reads them.

@@ -5,7 +5,8 @@
 The bundle needs a trained recommender and value head (`genrec train sft`, `genrec train value`). Each variant starts
 from a copy of the bundle (the bundle itself is never changed), trains under the same time budget, keeps the policy
 with the best validation NDCG@10, and is evaluated on the test split with the same decoding as the SFT baseline
-(beam search, --beam-width). Prints a table and writes JSON.
+(beam search, --beam-width). The last policy of each run is tested too, so a run whose best validation point is the
+SFT policy itself (step 0) still shows what RL did to it. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import time
 from pathlib import Path
 
 from genrec.atomic import atomic_file
-from genrec.bundle import Bundle
+from genrec.bundle import Bundle, update_bundle
 from genrec.data import load_dataset
 from genrec.evaluate import evaluate
+from training.loop import load_checkpoint
 from training.rl import train_rl
 
 VARIANTS = {
@@ -62,19 +64,24 @@ def main():
             t0 = time.time()
             overrides = {**change, "max_minutes": args.minutes, "eval_every": args.eval_every,
                          "valid_users": args.valid_users, **({"lr": args.lr} if args.lr else {})}
-            summary = train_rl(copy, args.data, run_dir=runs / label.split(",")[0].lower().replace(" ", "-"),
-                               overrides=overrides, log=quiet)
+            run_dir = runs / label.split(",")[0].lower().replace(" ", "-")
+            summary = train_rl(copy, args.data, run_dir=run_dir, overrides=overrides, log=quiet)
             row = {"variant": label, **test(copy), "train_minutes": round(summary["train_seconds"] / 60, 1),
                    "steps": summary["steps"], "best_step": summary["best_step"], "valid": summary["valid"],
                    "valid_sft": summary["valid_sft"], "wall_minutes": round((time.time() - t0) / 60, 1),
                    "config": summary["config"]}
-        report["rows"].append(row)
-        print(f"{label}: {row}", flush=True)
+            last = load_checkpoint(run_dir / "checkpoint.pt")["policy"]
+            policy = Bundle.load(copy).recommender()
+            policy.load_state_dict(last)
+            update_bundle(copy, {"recommender.safetensors": policy.save})
+            last_row = {"variant": f"{label} (last, step {summary['steps']})", **test(copy)}
+        report["rows"] += [row, last_row]
+        print(f"{label}: {row}\n{last_row}", flush=True)
 
     print(f"\n{name}, test split, beam {args.beam_width}, full ranking; RL budget {args.minutes} min per variant")
-    print(f"{'variant':<30}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}{'steps':>7}{'best':>6}")
+    print(f"{'variant':<46}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}{'steps':>7}{'best':>6}")
     for r in report["rows"]:
-        print(f"{r['variant']:<30}{r['recall@5']:>8.4f}{r['ndcg@5']:>8.4f}{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}"
+        print(f"{r['variant']:<46}{r['recall@5']:>8.4f}{r['ndcg@5']:>8.4f}{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}"
               f"{r.get('steps', 0):>7}{r.get('best_step', 0):>6}")
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(out) as f:

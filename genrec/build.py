@@ -11,17 +11,9 @@ import numpy as np
 from genrec.bundle import write_bundle, write_catalog
 from genrec.config import Preset
 from genrec.data import load_dataset
-from models.embedder import TextEmbedder
+from genrec.index import build_index, resolve_factory
+from models.embedder import Embedder
 from models.semantic_ids import PrefixTrie, build_semantic_ids
-
-
-def build_index(vectors: np.ndarray, factory: str) -> faiss.Index:
-    """Inner product on unit vectors (= cosine); rows of the index are catalog rows."""
-    index = faiss.index_factory(vectors.shape[1], factory, faiss.METRIC_INNER_PRODUCT)
-    if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
-    return index
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -33,8 +25,8 @@ def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name:
     t0 = time.time()
     ds = load_dataset(data)
     log(f"dataset {ds.name}: {len(ds.catalog)} items, {len(ds.users)} users, {ds.n_interactions} interactions")
-    embedder = TextEmbedder(preset.embedder)
-    vectors = embedder.encode([it.text for it in ds.catalog.items], progress=True)
+    embedder = Embedder(preset.embedder)  # catalog texts are documents; an over-long one is truncated, not refused
+    vectors = embedder.encode([it.text for it in ds.catalog.items], "document", truncate=True, progress=True)
     log(f"embedded {len(vectors)} items -> {vectors.shape[1]} dims in {time.time() - t0:.1f}s")
     sids = build_semantic_ids(vectors, preset.semantic_ids)
     PrefixTrie(sids.codes, sids.vocab_sizes)  # raises if the map is not a bijection
@@ -42,7 +34,8 @@ def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name:
     util = ", ".join(f"L{i + 1} {u:.1%}" for i, u in enumerate(stats["utilisation"]))
     log(f"semantic IDs: utilisation {util}; collision rate {stats['collision_rate']:.2%} "
         f"(largest group {stats['largest_collision_group']}); vocab sizes {list(sids.vocab_sizes)}")
-    index = build_index(vectors, preset.index.factory)
+    index = build_index(vectors, ds.catalog.ids, preset.index)
+    log(f"FAISS index {resolve_factory(preset.index.factory, len(vectors))} over {index.ntotal} items")
     manifest = {
         "name": Path(out).name, "version": 1, "preset_name": preset_name, "preset": preset.model_dump(),
         "dataset": {"name": ds.name, "path": str(Path(data).resolve()), "items": len(ds.catalog),

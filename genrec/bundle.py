@@ -197,6 +197,8 @@ class Bundle:
         return self._trie
 
     def index(self):
-        import faiss
+        """The FAISS index with the preset's search parameters (search returns item ids; bundles written before the
+        id map return catalog rows, see Engine)."""
+        from genrec.index import load_index
 
-        return faiss.read_index(str(self.path / "index.faiss"))
+        return load_index(self.path / "index.faiss", self.preset.index)

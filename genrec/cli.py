@@ -13,8 +13,12 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="genrec: generative recommendation and embedding server.")
 data_app = typer.Typer(no_args_is_help=True, help="Datasets: the synthetic sample generator.")
 train_app = typer.Typer(no_args_is_help=True, help="Offline training of the bundle's models.")
+index_app = typer.Typer(no_args_is_help=True, help="The bundle's FAISS index.")
+embedder_app = typer.Typer(no_args_is_help=True, help="The embedder: retrieval evaluation and ONNX export.")
 app.add_typer(data_app, name="data")
 app.add_typer(train_app, name="train")
+app.add_typer(index_app, name="index")
+app.add_typer(embedder_app, name="embedder")
 
 
 def clear_errors(fn):
@@ -58,15 +62,38 @@ def data_synth(out: Annotated[Path, typer.Option(help="folder to write items.jso
     typer.echo(f"wrote {items} items and {users} users to {out}")
 
 
+Backbone = Annotated[Optional[str], typer.Option(
+    help="embedder backbone: 'minilm' or a local model directory, e.g. one written by `genrec train embedder` (its "
+         "prompt settings come with it)")]
+Prompt = Annotated[Optional[bool], typer.Option(
+    "--prompt/--no-prompt", show_default=False,
+    help="the hierarchical prompt (default: the backbone's setting; on for causal LMs and VLMs)")]
+
+
+def _embedder_config(base, backbone: str | None, prompt: bool | None):
+    from training.embedder import load_embedder_config
+
+    cfg = load_embedder_config(_absolute(backbone), base) if backbone else base
+    return cfg.model_copy(update={"prompt": prompt}) if prompt is not None else cfg
+
+
+def _absolute(backbone: str) -> str:
+    """A directory backbone is recorded by its absolute path, so a bundle finds it from any working directory."""
+    return backbone if backbone == "minilm" or not Path(backbone).exists() else str(Path(backbone).resolve())
+
+
 @app.command()
 @clear_errors
 def build(data: Data, out: Annotated[Path, typer.Option(help="bundle directory to create (replaced atomically)")],
-          preset: Annotated[str, typer.Option(help="preset name or YAML path (see `genrec presets`)")] = "beauty"):
+          preset: Annotated[str, typer.Option(help="preset name or YAML path (see `genrec presets`)")] = "beauty",
+          backbone: Backbone = None, prompt: Prompt = None):
     """Embed the catalog, build the FAISS index and the semantic IDs: a new bundle."""
     from genrec.build import build_bundle
     from genrec.config import load_preset
 
-    build_bundle(data, out, load_preset(preset), preset)
+    recipe = load_preset(preset)
+    recipe = recipe.model_copy(update={"embedder": _embedder_config(recipe.embedder, backbone, prompt)})
+    build_bundle(data, out, recipe, preset)
 
 
 @app.command()
@@ -193,6 +220,114 @@ def train_rl(
     if clip is not None:
         overrides["clip"] = clip or None  # 0 turns clipping off
     run(bundle, data, preset, run_dir, resume, overrides)
+
+
+@train_app.command("embedder")
+@clear_errors
+def train_embedder(
+    data: Data,
+    out: Annotated[Path, typer.Option(help="model directory to write the tuned backbone to (for --backbone)")],
+    preset: Annotated[str, typer.Option(help="preset for the embedder and the recipe")] = "beauty",
+    backbone: Backbone = None,
+    prompt: Prompt = None,
+    hard_negatives: Annotated[Optional[bool], typer.Option(
+        "--hard-negatives/--in-batch", show_default=False,
+        help="SaHa hard negatives (default) or plain in-batch negatives")] = None,
+    k: Annotated[Optional[int], typer.Option(min=1, max=1024, help="SaHa: hard pairs packed with each anchor")] = None,
+    pool: Annotated[Optional[int], typer.Option(min=2, help="SaHa: candidates retrieved per anchor")] = None,
+    temperature: Annotated[Optional[float], typer.Option(min=0.0001, help="InfoNCE temperature")] = None,
+    max_length: Annotated[Optional[int], typer.Option(min=8, help="tokens per text, prompt included")] = None,
+    run_dir: Annotated[Optional[Path], typer.Option(help="checkpoints, mined batches and curves "
+                                                    "(default runs/OUT/embedder)")] = None,
+    resume: Annotated[bool, typer.Option(help="continue exactly where the run in --run-dir stopped")] = False,
+    max_minutes: Annotated[Optional[float], typer.Option(min=0.01, help="training-time budget in minutes")] = None,
+    max_epochs: Annotated[Optional[int], typer.Option(min=1, help="epoch limit")] = None,
+    max_steps: Annotated[Optional[int], typer.Option(min=1, help="stop after this many steps")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(min=2, help="pairs per step (global)")] = None,
+    lr: Annotated[Optional[float], typer.Option(min=0.0, help="peak learning rate")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+):
+    """Contrastive fine-tuning of the embedder on item-to-next-item pairs (SaHa hard negatives by default)."""
+    from genrec.config import EmbedderTrainConfig, load_preset
+    from training.embedder import train_embedder as run
+
+    recipe = load_preset(preset)
+    emb = _embedder_config(recipe.embedder, backbone, prompt)
+    if max_length is not None:
+        emb = emb.model_copy(update={"max_length": max_length})
+    cfg = EmbedderTrainConfig.model_validate({**recipe.embedder_train.model_dump(), **_train_overrides(
+        hard_negatives=hard_negatives, k=k, pool=pool, temperature=temperature, max_minutes=max_minutes,
+        max_epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed)})
+    run(data, out, emb, cfg, run_dir, resume, max_steps)
+
+
+@embedder_app.command("eval")
+@clear_errors
+def embedder_eval(
+    data: Data,
+    backbone: Backbone = None,
+    prompt: Prompt = None,
+    preset: Annotated[str, typer.Option(help="preset whose embedder settings are the base")] = "beauty",
+    split: Annotated[str, typer.Option(help="held-out pairs: valid or test")] = "test",
+    max_length: Annotated[Optional[int], typer.Option(min=8, help="tokens per text, prompt included")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON here")] = None,
+):
+    """Item-to-next-item retrieval on held-out pairs: Recall/NDCG@5/10 of the true next item over the catalog."""
+    from genrec.config import load_preset
+    from training.embedder import eval_embedder
+
+    emb = _embedder_config(load_preset(preset).embedder, backbone, prompt)
+    if max_length is not None:
+        emb = emb.model_copy(update={"max_length": max_length})
+    results = eval_embedder(data, emb, split)
+    if json_out:
+        _write_json(json_out, results)
+
+
+@embedder_app.command("export-onnx")
+@clear_errors
+def embedder_export_onnx(bundle: BundlePath):
+    """Export the bundle's embedder to ONNX (a new bundle version with embedder.onnx), for `serve --backend onnx`."""
+    from genrec.bundle import Bundle, update_bundle
+    from models.embedder import Embedder
+    from models.onnx_embedder import export_onnx
+    from server.engine import ONNX_FILE
+
+    embedder = Embedder(Bundle.load(bundle).preset.embedder)
+    update_bundle(bundle, {ONNX_FILE: lambda p: export_onnx(embedder, p)})
+    typer.echo(f"wrote {bundle / ONNX_FILE}")
+
+
+@index_app.command("build")
+@clear_errors
+def index_build(
+    bundle: BundlePath,
+    factory: Annotated[Optional[str], typer.Option(help="FAISS factory string: Flat, HNSW32, IVF256,PQ32, auto "
+                                                   "(default: the bundle's)")] = None,
+    ef_search: Annotated[Optional[int], typer.Option(min=1, help="HNSW candidates per search")] = None,
+    nprobe: Annotated[Optional[int], typer.Option(min=1, help="IVF lists visited per search")] = None,
+    queries: Annotated[int, typer.Option(min=1, help="item vectors used as queries to measure recall")] = 2000,
+):
+    """Rebuild the bundle's FAISS index (a new bundle version) and report its recall@10 against exact search."""
+    import faiss
+    import numpy as np
+
+    from genrec.bundle import Bundle, update_bundle
+    from genrec.config import IndexConfig
+    from genrec.index import build_index, recall_against_exact, resolve_factory
+
+    b = Bundle.load(bundle)
+    cfg = IndexConfig.model_validate({**b.preset.index.model_dump(), **_train_overrides(
+        factory=factory, ef_search=ef_search, nprobe=nprobe)})
+    ids = b.catalog.ids
+    index = build_index(b.item_vectors, ids, cfg)
+    pick = np.random.default_rng(0).permutation(len(ids))[:queries]
+    report = recall_against_exact(index, b.item_vectors, ids, b.item_vectors[pick])
+    update_bundle(bundle, {"index.faiss": lambda p: faiss.write_index(index, str(p))},
+                  preset={**b.manifest["preset"], "index": cfg.model_dump()})
+    typer.echo(f"{resolve_factory(cfg.factory, len(ids))} over {len(ids)} items: recall@10 vs exact "
+               f"{report['recall@10']:.4f}; {report['index_ms_per_query']:.3f} ms/query (exact "
+               f"{report['exact_ms_per_query']:.3f}) on {report['queries']} item queries")
 
 
 class Decoding(str, Enum):

@@ -14,11 +14,32 @@ class Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+TASK = ("Given an image, summarize the provided image in one word. Given only text, describe the text in one word.")
+
+
 class EmbedderConfig(Frozen):
-    backbone: str = Field("minilm", description="'minilm' (the packaged all-MiniLM-L6-v2) or a local model directory")
-    pooling: Literal["mean", "last"] = Field("mean", description="mean for encoders, last-token for causal LMs")
-    max_length: int = Field(64, ge=8, le=8192, description="tokens per text; longer texts are truncated")
-    batch_size: int = Field(128, ge=1, le=4096, description="texts per forward pass")
+    """A transformers backbone from a local directory (DESIGN.md, The embedder)."""
+
+    backbone: str = Field("minilm", description="'minilm' (the packaged all-MiniLM-L6-v2) or a local model directory "
+                          "(an encoder, a causal LM such as Qwen2, or a VLM such as Qwen2-VL)")
+    pooling: Literal["auto", "mean", "last"] = Field(
+        "auto", description="mean over tokens, or the last prompt token; auto: mean for encoders, last for causal "
+        "LMs and VLMs")
+    prompt: bool | None = Field(None, description="the two-level hierarchical prompt: the task definition (level 1, "
+                                "the system turn of chat backbones) and a representation instruction after the input "
+                                "(level 2); default: on for causal LMs and VLMs, off for encoders")
+    task: str = Field(TASK, description="level 1: the task definition shared by queries and documents")
+    query_instruction: str = Field("Represent the given text in one word.", description="level 2 for queries")
+    document_instruction: str = Field("Represent the given text in one word.", description="level 2 for documents")
+    image_instruction: str = Field("Represent the given image in one word.", description="level 2 for inputs with an "
+                                   "image (VLM backbones)")
+    max_length: int = Field(64, ge=8, le=8192, description="tokens per input, prompt included; a longer text is an "
+                            "error for requests and is truncated for catalogs and training data")
+    batch_size: int = Field(128, ge=1, le=4096, description="inputs per forward pass")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="weights and activations; auto: bfloat16 on CUDA, float32 on CPU")
+    max_image_pixels: int = Field(200_704, ge=3136, description="images are resized to at most this many pixels "
+                                  "(VLM backbones; 200,704 = 256 visual tokens of Qwen2-VL)")
 
 
 class SemanticIdConfig(Frozen):
@@ -32,7 +53,12 @@ class SemanticIdConfig(Frozen):
 
 
 class IndexConfig(Frozen):
-    factory: str = Field("Flat", description="FAISS factory string (inner product on normalised vectors)")
+    factory: str = Field("auto", description="FAISS factory string (inner product on normalised vectors), e.g. Flat, "
+                         "HNSW32, IVF1024,PQ32; auto: Flat (exact) up to 100,000 items, HNSW32 above")
+    ef_search: int = Field(128, ge=1, le=65536, description="HNSW: candidates kept during a search (recall vs speed)")
+    nprobe: int = Field(32, ge=1, le=65536, description="IVF: inverted lists visited per search (recall vs speed)")
+    refine_factor: float = Field(4.0, ge=1.0, le=1000.0, description="with ',RFlat': re-rank this many times k "
+                                 "approximate candidates exactly")
 
 
 class RecommenderConfig(Frozen):
@@ -79,6 +105,27 @@ class TrainConfig(Frozen):
     checkpoint_every: int = Field(500, ge=1, description="write a resumable checkpoint every N steps")
     beam_width: int = Field(20, ge=1, le=1024, description="beam width for validation decoding")
     seed: int = Field(0, description="seed for initialisation, data order and dropout")
+
+
+class EmbedderTrainConfig(TrainConfig):
+    """`genrec train embedder`: contrastive fine-tuning on item-to-next-item pairs, with SaHa hard negatives."""
+
+    hard_negatives: bool = Field(True, description="SaHa: pack each anchor with its k hard owner pairs in one batch "
+                                 "(false: plain in-batch negatives, random batches)")
+    k: int = Field(15, ge=1, le=1024, description="SaHa: hard owner pairs packed with each anchor")
+    pool: int = Field(90, ge=2, le=10_000, description="SaHa: candidates retrieved per anchor before the k least "
+                      "similar owners are kept (drops likely false negatives)")
+    temperature: float = Field(0.02, gt=0.0, le=10.0, description="InfoNCE temperature")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.hard_negatives and self.pool <= self.k:
+            raise ValueError(f"embedder_train.pool ({self.pool}) must exceed k ({self.k}): the k owners are picked "
+                             f"from the pool")
+        if self.hard_negatives and self.batch_size < self.k + 1:
+            raise ValueError(f"embedder_train.batch_size ({self.batch_size}) must hold an anchor and its k = {self.k} "
+                             f"hard pairs: use at least {self.k + 1}")
+        return self
 
 
 class SASRecConfig(Frozen):
@@ -175,6 +222,9 @@ class Preset(Frozen):
     value: ValueConfig = ValueConfig()
     ved: VedConfig = VedConfig()
     rl: RlConfig = RlConfig()
+    embedder_train: EmbedderTrainConfig = EmbedderTrainConfig(
+        batch_size=128, lr=2e-5, weight_decay=0.01, warmup_steps=50, max_epochs=3, max_minutes=20.0, patience=2,
+        checkpoint_every=100)
 
 
 def preset_names() -> list[str]:

@@ -90,7 +90,7 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
     """Load the bundle, build the server and bind its port (0 = a free one). Health reports NOT_SERVING until
     `warm_up()`. Raises BundleError when the bundle cannot be served."""
     metrics = Metrics()
-    slot = EngineSlot(Engine.load(config.bundle, device=config.device), metrics)
+    slot = EngineSlot(Engine.load(config.bundle, device=config.device, backend=config.backend), metrics)
     batchers = {name: MicroBatcher(name, per_engine(name), config.batching, metrics)
                 for name in ("recommend", "embed", "search")}
 

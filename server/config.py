@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -63,6 +63,9 @@ class ServerConfig(Frozen):
         description="RPCs admitted at once (each holds a thread while queued); gRPC refuses more with "
                     "RESOURCE_EXHAUSTED")
     device: str = Field("cpu", description="torch device of the recommender and the embedder: cpu, cuda, cuda:1")
+    backend: Literal["torch", "onnx"] = Field(
+        "torch", description="embedder runtime: torch, or onnx (onnxruntime on the bundle's embedder.onnx; see "
+        "`genrec embedder export-onnx`)")
     grace_s: float = Field(10.0, ge=0.0, le=3600.0,
                            description="on shutdown, how long in-flight requests may take to finish")
     auth_token: Optional[SecretStr] = Field(

@@ -13,17 +13,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import faiss
 import numpy as np
 import torch
 
 from genrec.bundle import Bundle, BundleError
 from genrec.config import EmbedderConfig
 from models.decoding import Trie, beam_search
+from models.embedder import Embedder, EmbedInput, PromptTokenizer
 from models.ved import beam_budget, ved_decode
-from models.embedder import TextEmbedder
 from server.batching import grouped
 
 Role = Literal["query", "document"]
+Backend = Literal["torch", "onnx"]
+ONNX_FILE = "embedder.onnx"
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class RecommendQuery:
 
 @dataclass(frozen=True)
 class EmbedQuery:
-    texts: tuple[str, ...]
+    inputs: tuple[EmbedInput, ...]
     role: Role
 
 
@@ -47,6 +50,7 @@ class EmbedQuery:
 class SearchQuery:
     k: int
     text: str | None = None
+    image: bytes | None = None
     vector: np.ndarray | None = None  # (D,) float32, finite
 
 
@@ -58,23 +62,42 @@ class Hit:
 
 
 class SharedEmbedder:
-    """The text embedder behind a lock: the Embed and Search queues both call it, and a Hugging Face fast tokenizer
-    raises 'Already borrowed' when two threads use it at once. Shared across hot swaps when the config is equal."""
+    """The bundle's embedder (torch, or its ONNX export under onnxruntime) behind a lock: the Embed and Search queues
+    both call it, and a Hugging Face fast tokenizer raises 'Already borrowed' when two threads use it at once.
+    Validation tokenizes with a second tokenizer under its own lock, so it never waits for a running batch.
+    Shared across hot swaps when the config, device and backend are equal."""
 
-    accepts_images = False  # images arrive with the VLM backbone (issue 6)
+    def __init__(self, cfg: EmbedderConfig, device: str = "cpu", backend: Backend = "torch",
+                 onnx_path: Path | None = None):
+        self.cfg, self.device, self.backend = cfg, device, backend
+        if backend == "onnx":
+            from models.onnx_embedder import OnnxEmbedder
 
-    def __init__(self, cfg: EmbedderConfig, device: str = "cpu"):
-        self.cfg, self.device = cfg, device
-        self._model = TextEmbedder(cfg, device)
-        self.dim = self._model.dim
+            if onnx_path is None or not onnx_path.exists():
+                raise BundleError(f"--backend onnx needs {ONNX_FILE} in the bundle: run `genrec embedder export-onnx "
+                                  f"--bundle {onnx_path.parent if onnx_path else 'BUNDLE'}` first, or serve with "
+                                  f"--backend torch")
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else \
+                ["CPUExecutionProvider"]
+            self._model = OnnxEmbedder(cfg, onnx_path, providers)
+        else:
+            self._model = Embedder(cfg, device)
+        self.dim, self.accepts_images = self._model.dim, self._model.accepts_images
         self._lock = threading.Lock()
+        self._checker = PromptTokenizer(self._model.inputs.path, cfg, self._model.kind)
+        self._check_lock = threading.Lock()
 
-    def encode(self, texts: list[str], role: Role) -> np.ndarray:
-        """(N, D) unit-norm float32. `role` is accepted for prompt-based backbones; MiniLM-style encoders embed
-        queries and documents the same way, so it does not change the computation here."""
-        del role
+    def check(self, inputs: list[EmbedInput], role: Role, labels: list[str]) -> None:
+        """Raises ValueError naming the input (by its label) that cannot be embedded: empty, an undecodable image,
+        text over the token limit. Everything that passes here embeds without error."""
+        with self._check_lock:
+            self._checker.check(inputs, labels)
+            self._checker.batch(inputs, role, truncate=False, labels=labels)
+
+    def encode(self, inputs: list[EmbedInput], role: Role) -> np.ndarray:
+        """(N, D) unit-norm float32; the prompt (if the backbone uses one) depends on the role."""
         with self._lock:
-            return self._model.encode(texts)
+            return self._model.encode(inputs, role)
 
 
 class Engine:
@@ -99,6 +122,8 @@ class Engine:
         self.max_history = (self.model.cfg if self.model is not None else bundle.preset.recommender).max_history
         self.default_beam_width = bundle.preset.sft.beam_width  # the width the bundle was validated with
         self.index = bundle.index()
+        # Indexes written before item ids were mapped inside them return catalog rows; translate those.
+        self.row_ids = None if isinstance(self.index, faiss.IndexIDMap) else self.catalog.ids
         if self.index.ntotal != len(self.catalog):
             raise BundleError(f"{bundle.path}: the FAISS index holds {self.index.ntotal} vectors for "
                               f"{len(self.catalog)} items; rebuild the bundle")
@@ -106,14 +131,19 @@ class Engine:
         self.loaded_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
     @classmethod
-    def load(cls, path: str | Path, previous: "Engine | None" = None, device: str | None = None) -> "Engine":
-        """Load a bundle onto `device` (default: `previous`'s, else cpu); reuse `previous`'s embedder when the
-        bundle asks for the same one on the same device."""
+    def load(cls, path: str | Path, previous: "Engine | None" = None, device: str | None = None,
+             backend: Backend | None = None) -> "Engine":
+        """Load a bundle onto `device` with the embedder `backend` (defaults: `previous`'s, else cpu and torch);
+        reuse `previous`'s embedder when the bundle asks for the same one on the same device and backend (an ONNX
+        embedder is always reloaded: its file belongs to the bundle)."""
         device = device or (previous.device if previous is not None else "cpu")
+        backend = backend or (previous.embedder.backend if previous is not None else "torch")
         bundle = Bundle.load(path)
         cfg = bundle.preset.embedder
-        same = previous is not None and previous.embedder.cfg == cfg and previous.embedder.device == device
-        return cls(bundle, previous.embedder if same else SharedEmbedder(cfg, device), device)
+        same = previous is not None and backend == "torch" and previous.embedder.backend == "torch" and \
+            previous.embedder.cfg == cfg and previous.embedder.device == device
+        embedder = previous.embedder if same else SharedEmbedder(cfg, device, backend, bundle.path / ONNX_FILE)
+        return cls(bundle, embedder, device)
 
     # ---- batched computations (called on batcher worker threads) -------------------------------------------
     @torch.inference_mode()
@@ -147,28 +177,34 @@ class Engine:
         return out
 
     def embed(self, queries: list[EmbedQuery]) -> list[np.ndarray]:
-        """One encoder call per role over the texts of every request in the batch."""
+        """One encoder call per role over the inputs of every request in the batch."""
         out: list[np.ndarray] = [np.empty((0, self.dim), np.float32)] * len(queries)
         for idx in grouped(queries, key=lambda q: q.role):
-            texts = [t for i in idx for t in queries[i].texts]
-            vecs = self.embedder.encode(texts, queries[idx[0]].role)  # (sum of texts, D)
+            inputs = [x for i in idx for x in queries[i].inputs]
+            vecs = self.embedder.encode(inputs, queries[idx[0]].role)  # (sum of inputs, D)
             start = 0
             for i in idx:
-                n = len(queries[i].texts)
+                n = len(queries[i].inputs)
                 out[i], start = vecs[start: start + n], start + n
         return out
 
     def search(self, queries: list[SearchQuery]) -> list[list[Hit]]:
-        """Texts are embedded together as queries, then one FAISS search at the largest k serves the batch."""
+        """Texts and images are embedded together as queries, then one FAISS search at the largest k serves the
+        batch."""
         vectors = np.zeros((len(queries), self.dim), dtype=np.float32)  # (B, D)
-        text_rows = [i for i, q in enumerate(queries) if q.text is not None]
-        if text_rows:
-            vectors[text_rows] = self.embedder.encode([queries[i].text for i in text_rows], "query")
+        rows = [i for i, q in enumerate(queries) if q.vector is None]
+        if rows:
+            inputs = [EmbedInput(queries[i].text or "", queries[i].image) for i in rows]
+            vectors[rows] = self.embedder.encode(inputs, "query")
         for i, q in enumerate(queries):
             if q.vector is not None:
                 vectors[i] = q.vector
-        scores, rows = self.index.search(vectors, max(q.k for q in queries))  # (B, k) each
-        return [self._hits(rows[i, : q.k].tolist(), scores[i, : q.k].tolist()) for i, q in enumerate(queries)]
+        scores, found = self.index.search(vectors, max(q.k for q in queries))  # (B, k) item ids, -1 = none
+        if self.row_ids is not None:
+            found = np.where(found >= 0, self.row_ids[found.clip(0)], -1)
+        rows = [self.catalog.rows(f[f >= 0]) for f in found]
+        return [self._hits(r[: q.k].tolist(), scores[i, : len(r)][: q.k].tolist()) for i, (q, r) in
+                enumerate(zip(queries, rows))]
 
     def beam_budget(self, beam_width: int) -> int:
         return beam_budget(self.trie.depth, beam_width)
@@ -183,5 +219,5 @@ class Engine:
             first = np.zeros(1, dtype=np.int64)
             k = max(1, min(10, len(self.catalog) - 1))
             self.recommend([RecommendQuery(first, first, k, max(k, self.default_beam_width), True)])
-        self.embed([EmbedQuery(("warm up",), "query")])
+        self.embed([EmbedQuery((EmbedInput("warm up"),), "query")])
         self.search([SearchQuery(k=1, text="warm up")])

@@ -10,6 +10,7 @@ import math
 import numpy as np
 
 from server.config import LimitsConfig
+from models.embedder import EmbedInput
 from server.engine import EmbedQuery, Engine, RecommendQuery, Role, SearchQuery
 from server.errors import InvalidRequest, NotServed
 from server.protos import embed_pb2, recommend_pb2, search_pb2
@@ -107,6 +108,14 @@ def _image(image: bytes, where: str, engine: Engine, limits: LimitsConfig) -> No
                              "text, or serve a bundle with a VLM backbone")
 
 
+def _embeddable(inputs: list[EmbedInput], role: Role, labels: list[str], engine: Engine) -> None:
+    """What only the embedder can tell (tokens over its limit, an image it cannot decode), before any batching."""
+    try:
+        engine.embedder.check(inputs, role, labels)
+    except ValueError as e:
+        raise InvalidRequest(str(e)) from None
+
+
 def embed_query(req: embed_pb2.EmbedRequest, engine: Engine, limits: LimitsConfig) -> EmbedQuery:
     if not req.inputs:
         raise InvalidRequest("inputs is empty: send at least one text to embed")
@@ -114,14 +123,18 @@ def embed_query(req: embed_pb2.EmbedRequest, engine: Engine, limits: LimitsConfi
         raise InvalidRequest(f"inputs has {len(req.inputs)} entries; send at most {limits.max_inputs} per request")
     if req.role not in _ROLES:
         raise InvalidRequest(f"role {req.role} is unknown: use ROLE_QUERY or ROLE_DOCUMENT")
-    texts = []
+    inputs = []
     for i, item in enumerate(req.inputs):
         if item.image:
             _image(item.image, f"inputs[{i}].image", engine, limits)
-        if not item.text:
-            raise InvalidRequest(f"inputs[{i}] has no text: every input needs a text")
-        texts.append(_text(item.text, f"inputs[{i}].text", limits))
-    return EmbedQuery(tuple(texts), _ROLES[req.role])
+        elif not item.text:
+            raise InvalidRequest(f"inputs[{i}] is empty: give it a text" +
+                                 (" or an image" if engine.embedder.accepts_images else ""))
+        if item.text or not item.image:
+            _text(item.text, f"inputs[{i}].text", limits)
+        inputs.append(EmbedInput(item.text, item.image or None))
+    _embeddable(inputs, _ROLES[req.role], [f"inputs[{i}]" for i in range(len(inputs))], engine)
+    return EmbedQuery(tuple(inputs), _ROLES[req.role])
 
 
 def search_query(req: search_pb2.SearchRequest, engine: Engine, limits: LimitsConfig) -> SearchQuery:
@@ -130,10 +143,12 @@ def search_query(req: search_pb2.SearchRequest, engine: Engine, limits: LimitsCo
     if kind is None:
         raise InvalidRequest("the query is empty: set one of text, image or vector")
     if kind == "text":
-        return SearchQuery(k=k, text=_text(req.text, "text", limits))
+        _embeddable([EmbedInput(_text(req.text, "text", limits))], "query", ["text"], engine)
+        return SearchQuery(k=k, text=req.text)
     if kind == "image":
         _image(req.image, "image", engine, limits)
-        raise AssertionError("no served embedder accepts images yet, so _image refused it")
+        _embeddable([EmbedInput(image=req.image)], "query", ["image"], engine)
+        return SearchQuery(k=k, image=req.image)
     values = req.vector.values
     if len(values) != engine.dim:
         raise InvalidRequest(f"vector has {len(values)} values; this bundle's item vectors have {engine.dim} "

@@ -147,13 +147,18 @@ def plot_curves(history: list[dict], path: Path, keys: tuple[str, ...] = ("recal
 
 def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.nn.Module, Dist], np.ndarray],
         cfg: TrainConfig, run_dir: Path, resume: bool = False, d: Dist | None = None, log_every: int = 50,
-        max_steps: int | None = None, desc: str = "train") -> TrainState:
+        max_steps: int | None = None, desc: str = "train",
+        batches: Callable[[int], list[np.ndarray]] | None = None) -> TrainState:
     """Train `model` (forward(windows) -> {"loss": ...}) on `windows` (W, T+1).
+
+    batches(epoch) gives the global batches (row indices) of an epoch; default: shuffled, length-sorted chunks
+    (epoch_batches). It must be deterministic in the epoch for an exact resume.
 
     evaluate(model, dist) returns the 0-based rank of each validation target among this rank's shard of users
     (-1 = miss). The best weights by validation NDCG@10 are kept in run_dir/best.safetensors.
     """
     d = d or Dist()
+    batches_of = batches
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -171,6 +176,9 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["torch_rng"])
         st = TrainState(**ck["state"])
+        if st.done and max_steps is not None and st.step < max_steps and st.epoch < cfg.max_epochs and \
+                st.elapsed < cfg.max_minutes * 60:
+            st.done = False  # the run stopped at an earlier --max-steps: go on to the new one
     elif d.main:
         for stale in ("metrics.jsonl", "checkpoint.pt", "best.safetensors"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -209,7 +217,8 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
     model.train()
     clock = time.time()
     while not st.done and st.epoch < cfg.max_epochs:
-        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, st.epoch)
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, st.epoch) if batches_of is None else \
+            batches_of(st.epoch)
         bar = tqdm(total=len(batches), initial=st.batch_in_epoch, desc=f"{desc} epoch {st.epoch}", unit="step",
                    disable=not d.main, leave=False)
         while st.batch_in_epoch < len(batches):

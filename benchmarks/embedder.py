@@ -1,0 +1,128 @@
+"""Item-to-next-item retrieval: zero-shot vs in-batch fine-tuning vs SaHa fine-tuning, with and without the
+hierarchical prompt; then ONNX vs torch (parity and embeddings per second).
+
+    python benchmarks/embedder.py --data ../shared/data/amazon-beauty --steps 150
+
+Every fine-tuning run takes the same number of optimiser steps (same pairs seen; a step count, unlike a time budget,
+does not depend on what else the machine runs) and reports its training time (SaHa's mining included); each is
+evaluated on the
+test pairs (the held-out last transition of every user) over the whole catalog. The tuned backbones stay in
+runs/embedder-bench-DATASET/VARIANT/model for `genrec build --backbone`. Prints a table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from genrec.atomic import atomic_file
+from genrec.config import EmbedderConfig, load_preset
+from genrec.data import load_dataset
+from training.embedder import eval_embedder, load_embedder_config, train_embedder
+
+quiet = lambda *a, **k: None  # noqa: E731
+
+
+def throughput(embedder, texts: list[str], batch: int, seconds: float = 10.0) -> float:
+    """Embeddings per second at a fixed batch size (warm, median-free: total inputs over total time)."""
+    embedder.cfg = embedder.cfg.model_copy(update={"batch_size": batch})
+    embedder.encode(texts[:batch], truncate=True)  # warm up
+    done, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        chunk = texts[done % len(texts):][:batch] or texts[:batch]
+        embedder.encode(chunk, truncate=True)
+        done += len(chunk)
+    return done / (time.perf_counter() - t0)
+
+
+def onnx_report(texts: list[str], out_dir: Path) -> dict:
+    from models.embedder import Embedder
+    from models.onnx_embedder import OnnxEmbedder, export_onnx
+
+    torch_e = Embedder(EmbedderConfig())
+    path = export_onnx(torch_e, out_dir / "embedder.onnx")
+    onnx_e = OnnxEmbedder(torch_e.cfg, path)
+    sample = texts[:2048]
+    a, b = torch_e.encode(sample, truncate=True), onnx_e.encode(sample, truncate=True)
+    cos = (a * b).sum(1)
+    report = {"texts": len(sample), "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
+              "max_abs_diff": float(np.abs(a - b).max())}
+    for name, e in (("torch", torch_e), ("onnx", onnx_e)):
+        for batch in (1, 64):
+            report[f"{name}_per_s_batch{batch}"] = throughput(e, texts, batch)
+    return report
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", required=True, help="dataset folder")
+    ap.add_argument("--steps", type=int, default=150, help="optimiser steps per fine-tuning run")
+    ap.add_argument("--minutes", type=float, default=60.0, help="training-time cap per fine-tuning run")
+    ap.add_argument("--preset", default="beauty", help="preset with the embedder_train recipe")
+    ap.add_argument("--variants", nargs="*", default=None,
+                    help="subset of 'zero-shot', 'in-batch', 'saha', each with ' +prompt' (default: all six)")
+    ap.add_argument("--skip-onnx", action="store_true", help="leave out the ONNX comparison")
+    ap.add_argument("--out", help="results JSON (default results/embedder-DATASET.json)")
+    args = ap.parse_args()
+    name = Path(args.data).name
+    out = Path(args.out or f"results/embedder-{name}.json")
+    runs = Path("runs") / f"embedder-bench-{name}"
+    preset = load_preset(args.preset)
+    ds = load_dataset(args.data)
+    texts = [it.text for it in ds.catalog.items]
+    variants = args.variants or [f"{m}{p}" for p in ("", " +prompt") for m in ("saha", "in-batch", "zero-shot")]
+    report = {"dataset": name, "steps": args.steps, "minutes": args.minutes, "threads": torch.get_num_threads(),
+              "rows": []}
+    if out.exists():  # a re-run adds to or replaces rows, so variants can run in separate processes
+        report["rows"] = [r for r in json.loads(out.read_text())["rows"] if r["variant"] not in variants]
+
+    for variant in variants:
+        method, prompt = variant.replace(" +prompt", ""), variant.endswith("+prompt")
+        emb = preset.embedder.model_copy(update={"prompt": prompt, "max_length": 96 if prompt else 64})
+        row = {"variant": variant, "method": method, "prompt": prompt}
+        if method != "zero-shot":
+            cfg = preset.embedder_train.model_copy(update={"hard_negatives": method == "saha",
+                                                           "max_minutes": args.minutes})
+            model_dir = runs / variant.replace(" +", "-") / "model"
+            summary = train_embedder(args.data, model_dir, emb, cfg, run_dir=model_dir.parent / "run",
+                                     max_steps=args.steps)
+            emb = load_embedder_config(model_dir.resolve(), emb)
+            row.update(train_minutes=round(summary["train_seconds"] / 60, 1), steps=summary["steps"],
+                       pairs_seen=summary["steps"] * cfg.batch_size, train_pairs=summary["pairs"],
+                       valid=summary["valid"], backbone=str(model_dir))
+        t0 = time.time()
+        row.update({k: v for k, v in eval_embedder(args.data, emb, "test", log=quiet).items()
+                    if "@" in k or k == "pairs"}, eval_seconds=round(time.time() - t0, 1))
+        report["rows"].append(row)
+        print(f"{variant}: {row}", flush=True)
+        with atomic_file(out) as f:
+            json.dump(report, f, indent=2)
+
+    if not args.skip_onnx:
+        report["onnx"] = onnx_report(texts, runs)
+        print(f"onnx: {report['onnx']}", flush=True)
+
+    print(f"\n{name}, item-to-next-item retrieval, test pairs, whole catalog ({len(texts)} items); "
+          f"{args.steps} steps of {preset.embedder_train.batch_size} pairs per fine-tuning run, {report['threads']} threads")
+    print(f"{'variant':<22}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}{'minutes':>9}{'steps':>7}")
+    for r in sorted(report["rows"], key=lambda r: (r["prompt"], r["method"])):
+        print(f"{r['variant']:<22}{r['recall@5']:>8.4f}{r['ndcg@5']:>8.4f}{r['recall@10']:>8.4f}"
+              f"{r['ndcg@10']:>8.4f}{r.get('train_minutes', 0):>9}{r.get('steps', 0):>7}")
+    if "onnx" in report:
+        o = report["onnx"]
+        print(f"\nONNX vs torch (MiniLM, {o['texts']} catalog texts): cosine min {o['cosine_min']:.6f}; embeddings/s "
+              f"batch 1: torch {o['torch_per_s_batch1']:.1f}, onnx {o['onnx_per_s_batch1']:.1f}; batch 64: torch "
+              f"{o['torch_per_s_batch64']:.1f}, onnx {o['onnx_per_s_batch64']:.1f}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(out) as f:
+        json.dump(report, f, indent=2)
+    print(f"results written to {out}")
+
+
+if __name__ == "__main__":
+    main()

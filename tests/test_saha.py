@@ -1,0 +1,156 @@
+"""Contrastive fine-tuning of the embedder: item-to-next-item pairs, SaHa mining and packing against slow references,
+the masked InfoNCE loss, retrieval ranks, and a real training run with resume."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from genrec.config import EmbedderConfig, EmbedderTrainConfig
+from genrec.data import load_dataset, train_sequences
+from models.embedder import Embedder
+from tests.tiny_backbones import save_tiny_qwen2
+from training.embedder import (CONFIG_FILE, ContrastiveModel, heldout_pairs, load_embedder_config, mine_hard_owners,
+                               next_item_pairs, pack_batches, retrieval_ranks, train_embedder)
+
+
+def unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_pairs_come_from_training_positions_only(tiny_data):
+    pairs = next_item_pairs([np.array([1, 2, 2, 3]), np.array([3, 1]), np.array([5])])
+    assert pairs.tolist() == [[1, 2], [2, 3], [3, 1]]  # sorted, distinct, self-pairs dropped
+    ds = load_dataset(tiny_data)
+    train = {tuple(p) for p in next_item_pairs(train_sequences(ds)).tolist()}
+    valid, test = heldout_pairs(ds, "valid"), heldout_pairs(ds, "test")
+    s = next(s for s in ds.sequences if len(s) >= 3 and s[-3] != s[-2] and s[-2] != s[-1])
+    assert [s[-3], s[-2]] in valid.tolist() and [s[-2], s[-1]] in test.tolist()
+    seqs = train_sequences(ds)  # the last two positions are held out
+    assert all(len(t) == len(s) - 2 for t, s in zip(seqs, ds.sequences) if len(s) >= 3)
+    assert train == {tuple(p) for p in next_item_pairs([s[:-2] if len(s) >= 3 else s for s in ds.sequences]).tolist()}
+
+
+def slow_mine(q, d, pairs, k, pool, owner_of):
+    positives = np.unique(pairs[:, 1])
+    out = []
+    for a, (qa, pa) in enumerate(pairs):
+        near = positives[np.argsort(-(d[positives] @ q[qa]), kind="stable")[: pool + 1]]
+        owners = [owner_of[i] for i in near if i != pa and pairs[owner_of[i], 0] != qa]
+        owners.sort(key=lambda o: float(q[pairs[o, 0]] @ q[qa]))
+        out.append((owners[:k] + [-1] * k)[:k])
+    return np.array(out)
+
+
+def test_mining_matches_a_slow_reference():
+    rng = np.random.default_rng(0)
+    n_items = 60
+    q, d = unit(rng.normal(size=(n_items, 8))), unit(rng.normal(size=(n_items, 8)))
+    pairs = np.unique(rng.integers(0, n_items, size=(150, 2)), axis=0)
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    fast = mine_hard_owners(q, d, pairs, k=4, pool=10, seed=3)
+    # The owner drawn for each positive item is the last pair with that positive in the seeded permutation.
+    perm = np.random.default_rng(3).permutation(len(pairs))
+    owner_of = {}
+    for p in perm:
+        owner_of[pairs[p, 1]] = p
+    assert (fast == slow_mine(q, d, pairs, 4, 10, owner_of)).all()
+    for a, row in enumerate(fast):  # never the anchor's own positive item, never its own query item
+        for o in row[row >= 0]:
+            assert pairs[o, 1] != pairs[a, 1] and pairs[o, 0] != pairs[a, 0]
+
+
+def test_mining_keeps_the_owners_least_similar_to_the_anchor():
+    """Positives 10..13 are all near the anchor's query; their owners' queries get less and less similar to it."""
+    q = unit(np.array([[1, 0, 0], [1, 0.1, 0], [1, 1, 0], [0, 1, 0], [-0.3, 0, 1]], dtype=np.float32))
+    d = unit(np.zeros((14, 3)) + [1, 0, 0] + np.linspace(0, 0.1, 14)[:, None] * [0, 0, 1])
+    pairs = np.array([[0, 9], [1, 10], [2, 11], [3, 12], [4, 13]])
+    hard = mine_hard_owners(np.pad(q, ((0, 9), (0, 0))), d, pairs, k=2, pool=4, seed=0)
+    assert hard[0].tolist() == [4, 3]  # the two owners whose queries are least like query 0
+
+
+def test_packing_keeps_clusters_together_and_uses_each_pair_once():
+    rng = np.random.default_rng(1)
+    hard = rng.integers(-1, 100, size=(100, 3))
+    batches = pack_batches(hard, 100, 8, seed=0)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(100)) and all(len(b) <= 8 for b in batches)
+    used, where = set(), {int(x): i for i, b in enumerate(batches) for x in b}
+    order = np.random.default_rng(0).permutation(100)
+    for a in order:  # every anchor's unused hard owners sit in its batch
+        if a in used:
+            continue
+        cluster = [a] + [o for o in hard[a] if o >= 0 and o not in used]
+        used.update(cluster)
+        assert {where[c] for c in cluster} == {where[a]}
+    plain = pack_batches(None, 100, 8, seed=0)
+    assert sorted(np.concatenate(plain).tolist()) == list(range(100))
+
+
+def test_infonce_masks_in_batch_copies_of_the_positive():
+    class Fixed(torch.nn.Module):
+        """Stands in for the backbone with fixed vectors per text, so the loss can be checked by hand."""
+
+        def __init__(self, vectors):
+            super().__init__()
+            self.vectors = torch.nn.Parameter(torch.as_tensor(vectors))
+            self.inputs = self
+
+        def batch(self, texts, role, truncate):
+            return [int(t) for t in texts]
+
+        def forward(self, rows):
+            return torch.nn.functional.normalize(self.vectors[rows], dim=-1)
+
+    vec = unit(np.random.default_rng(0).normal(size=(6, 4)))
+    model = ContrastiveModel(Fixed(vec), [str(i) for i in range(6)], temperature=0.5)
+    pairs = torch.tensor([[0, 3], [1, 4], [2, 3]])  # pairs 0 and 2 share the positive item 3
+    loss = model(pairs)["loss"]
+    v = torch.as_tensor(vec)
+    logits = v[[0, 1, 2]] @ v[[3, 4, 3]].T / 0.5
+    expected = []
+    for i in range(3):
+        keep = [j for j in range(3) if j == i or [3, 4, 3][j] != [3, 4, 3][i]]
+        expected.append(-(logits[i, i] - torch.logsumexp(logits[i, keep], 0)))
+    assert torch.allclose(loss, torch.stack(expected).mean())
+
+
+def test_retrieval_ranks_match_sorting():
+    rng = np.random.default_rng(2)
+    q, d = unit(rng.normal(size=(30, 5))), unit(rng.normal(size=(30, 5)))
+    pairs = rng.integers(0, 30, size=(40, 2))
+    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
+    ranks = retrieval_ranks(q, d, pairs, chunk=7)
+    for (a, b), r in zip(pairs, ranks):
+        order = [i for i in np.argsort(-(d @ q[a]), kind="stable") if i != a]
+        assert order.index(b) == r
+
+
+def test_training_writes_a_tuned_backbone_and_resumes_exactly(tiny_data, tmp_path):
+    """A tiny random Qwen2 (last-token pooling, the hierarchical prompt) keeps this fast; MiniLM takes the same path."""
+    backbone = save_tiny_qwen2(tmp_path / "qwen2")
+    cfg = EmbedderTrainConfig(batch_size=16, lr=1e-3, warmup_steps=1, max_epochs=2, max_minutes=5, k=3, pool=8,
+                              checkpoint_every=2)
+    emb = EmbedderConfig(backbone=str(backbone), max_length=160)
+    quiet = lambda *a: None  # noqa: E731
+    full = train_embedder(tiny_data, tmp_path / "full", emb, cfg, tmp_path / "run-full", max_steps=4, log=quiet)
+    assert full["steps"] == 4 and 0 <= full["valid"]["recall@10"] <= 1
+    train_embedder(tiny_data, tmp_path / "half", emb, cfg, tmp_path / "run-half", max_steps=2, log=quiet)
+    train_embedder(tiny_data, tmp_path / "half", emb, cfg, tmp_path / "run-half", resume=True, max_steps=4,
+                   log=quiet)
+    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in ("run-full", "run-half"))
+    assert a["state"]["step"] == b["state"]["step"] == 4
+    assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
+    losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
+               if "loss" in json.loads(x)] for r in ("run-full", "run-half")]
+    assert losses[0][-1] == losses[1][-1]
+
+    tuned = load_embedder_config(tmp_path / "full")
+    assert tuned.backbone == str(tmp_path / "full") and tuned.max_length == 160
+    start = Embedder(emb).model.state_dict()
+    after = Embedder(tuned).model.state_dict()
+    changed = [n for n in start if not torch.equal(start[n], after[n])]
+    assert len(changed) == len(start)  # every tensor moved
+    assert (tmp_path / "run-full" / "curves.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "full" / CONFIG_FILE).read_text())["max_length"] == 160
