@@ -1,7 +1,7 @@
 """Item-to-next-item retrieval: zero-shot vs in-batch fine-tuning vs SaHa fine-tuning, with and without the
 hierarchical prompt; then ONNX vs torch (parity and embeddings per second).
 
-    python benchmarks/embedder.py --data ../shared/data/amazon-beauty --steps 150
+    python benchmarks/embedder.py --data ../shared/data/amazon-beauty --steps 200 --batch-size 64
 
 Every fine-tuning run takes the same number of optimiser steps (same pairs seen; a step count, unlike a time budget,
 does not depend on what else the machine runs) and reports its training time (SaHa's mining included); each is
@@ -62,6 +62,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="dataset folder")
     ap.add_argument("--steps", type=int, default=150, help="optimiser steps per fine-tuning run")
+    ap.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: the preset's)")
     ap.add_argument("--minutes", type=float, default=60.0, help="training-time cap per fine-tuning run")
     ap.add_argument("--preset", default="beauty", help="preset with the embedder_train recipe")
     ap.add_argument("--variants", nargs="*", default=None,
@@ -75,8 +76,9 @@ def main():
     preset = load_preset(args.preset)
     ds = load_dataset(args.data)
     texts = [it.text for it in ds.catalog.items]
+    batch_size = args.batch_size or preset.embedder_train.batch_size
     variants = args.variants or [f"{m}{p}" for p in ("", " +prompt") for m in ("saha", "in-batch", "zero-shot")]
-    report = {"dataset": name, "steps": args.steps, "minutes": args.minutes, "threads": torch.get_num_threads(),
+    report = {"dataset": name, "steps": args.steps, "batch_size": batch_size, "minutes": args.minutes, "threads": torch.get_num_threads(),
               "rows": []}
     if out.exists():  # a re-run adds to or replaces rows, so variants can run in separate processes
         report["rows"] = [r for r in json.loads(out.read_text())["rows"] if r["variant"] not in variants]
@@ -87,7 +89,8 @@ def main():
         row = {"variant": variant, "method": method, "prompt": prompt}
         if method != "zero-shot":
             cfg = preset.embedder_train.model_copy(update={"hard_negatives": method == "saha",
-                                                           "max_minutes": args.minutes})
+                                                           "max_minutes": args.minutes,
+                                                           "batch_size": args.batch_size or batch_size})
             model_dir = runs / variant.replace(" +", "-") / "model"
             summary = train_embedder(args.data, model_dir, emb, cfg, run_dir=model_dir.parent / "run",
                                      max_steps=args.steps)
@@ -108,7 +111,7 @@ def main():
         print(f"onnx: {report['onnx']}", flush=True)
 
     print(f"\n{name}, item-to-next-item retrieval, test pairs, whole catalog ({len(texts)} items); "
-          f"{args.steps} steps of {preset.embedder_train.batch_size} pairs per fine-tuning run, {report['threads']} threads")
+          f"{args.steps} steps of {batch_size} pairs per fine-tuning run, {report['threads']} threads")
     print(f"{'variant':<22}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}{'minutes':>9}{'steps':>7}")
     for r in sorted(report["rows"], key=lambda r: (r["prompt"], r["method"])):
         print(f"{r['variant']:<22}{r['recall@5']:>8.4f}{r['ndcg@5']:>8.4f}{r['recall@10']:>8.4f}"

@@ -175,15 +175,20 @@ def search(
 @query_app.command("embed")
 @_call
 def embed(
-    text: Annotated[list[str], typer.Option(help="a text to embed; repeat for several")],
+    text: Annotated[Optional[list[str]], typer.Option(help="a text to embed; repeat for several")] = None,
+    image: Annotated[Optional[list[Path]], typer.Option(help="an image file (PNG/JPEG) to embed; repeat for "
+                                                        "several (needs a VLM backbone)")] = None,
     role: Annotated[RoleName, typer.Option(help="query or document side of retrieval")] = RoleName.query,
     target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0,
 ):
-    """Unit-norm embeddings of texts."""
+    """Unit-norm embeddings of texts and images (one input each, in order: texts first)."""
     from server.protos import embed_pb2
 
-    request = embed_pb2.EmbedRequest(inputs=[embed_pb2.EmbedInput(text=t) for t in text],
-                                     role=embed_pb2.Role.Value(f"ROLE_{role.value.upper()}"))
+    if not text and not image:
+        raise typer.BadParameter("give at least one --text or --image")
+    inputs = [embed_pb2.EmbedInput(text=t) for t in text or []]
+    inputs += [embed_pb2.EmbedInput(image=p.read_bytes()) for p in image or []]
+    request = embed_pb2.EmbedRequest(inputs=inputs, role=embed_pb2.Role.Value(f"ROLE_{role.value.upper()}"))
     return _stubs(target, token, tls_ca).embed.Embed(request, timeout=timeout)
 
 

@@ -154,3 +154,20 @@ def test_training_writes_a_tuned_backbone_and_resumes_exactly(tiny_data, tmp_pat
     assert len(changed) == len(start)  # every tensor moved
     assert (tmp_path / "run-full" / "curves.png").stat().st_size > 1000
     assert json.loads((tmp_path / "full" / CONFIG_FILE).read_text())["max_length"] == 160
+
+
+def test_torchrun_two_processes(tiny_data, tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    backbone = save_tiny_qwen2(tmp_path / "qwen2")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(sys.executable).with_name("genrec")), "train", "embedder", "--data", str(tiny_data), "--out",
+           str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--backbone", str(backbone), "--max-length",
+           "160", "--max-steps", "2", "--batch-size", "16", "--k", "3", "--pool", "8"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert summary["steps"] == 2 and 0 <= summary["valid"]["recall@10"] <= 1

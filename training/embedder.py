@@ -132,6 +132,8 @@ def pack_batches(hard: np.ndarray | None, n_pairs: int, batch_size: int, seed: i
 class ContrastiveModel(torch.nn.Module):
     """forward((B, 2) pair rows) -> InfoNCE loss of the queries against the batch's positives."""
 
+    has_unused_parameters = True  # e.g. BERT's pooler: computed by the backbone, not pooled from
+
     def __init__(self, embedder, texts: list[str], temperature: float):
         super().__init__()
         self.embedder, self.texts, self.temperature = embedder, texts, temperature
@@ -175,6 +177,12 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
         log(f"embedder: {len(pairs)} training pairs, {len(valid)} validation pairs, {len(texts)} items; "
             f"{'SaHa hard negatives (k ' + str(cfg.k) + ', pool ' + str(cfg.pool) + ')' if cfg.hard_negatives else 'in-batch negatives'}; "
             f"run dir {run_dir}")
+
+    if d.main and not resume:  # batches mined by an earlier run in this directory belong to its weights
+        for stale in run_dir.glob("batches-epoch*.npz"):
+            stale.unlink()
+    if d.world > 1:
+        torch.distributed.barrier()  # no rank reads a stale cache before the main rank has removed it
 
     def batches(epoch: int) -> list[np.ndarray]:
         seed = cfg.seed * 1000 + epoch

@@ -166,7 +166,9 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
     steps_per_epoch = math.ceil(len(windows) / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.max_epochs
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    ddp = torch.nn.parallel.DistributedDataParallel(model) if d.world > 1 else model
+    # A model may compute outputs its loss does not use (a BERT pooler): it says so, and DDP then looks for them.
+    unused = getattr(model, "has_unused_parameters", False)
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if d.world > 1 else model
 
     st = TrainState()
     ckpt_path = run_dir / "checkpoint.pt"
