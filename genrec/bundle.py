@@ -145,7 +145,10 @@ class Bundle:
 
     @property
     def preset(self) -> Preset:
-        return Preset.model_validate(self.manifest["preset"])
+        preset = dict(self.manifest["preset"])
+        if "prompt" not in preset.get("embedder", {"prompt": None}):  # written before prompts existed: none used
+            preset["embedder"] = {**preset["embedder"], "prompt": False}
+        return Preset.model_validate(preset)
 
     def has(self, name: str) -> bool:
         return name in self.manifest["files"]

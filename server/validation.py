@@ -125,12 +125,12 @@ def embed_query(req: embed_pb2.EmbedRequest, engine: Engine, limits: LimitsConfi
         raise InvalidRequest(f"role {req.role} is unknown: use ROLE_QUERY or ROLE_DOCUMENT")
     inputs = []
     for i, item in enumerate(req.inputs):
-        if item.image:
+        if item.image:  # an image may come alone or with a text (then that text must say something)
             _image(item.image, f"inputs[{i}].image", engine, limits)
         elif not item.text:
             raise InvalidRequest(f"inputs[{i}] is empty: give it a text" +
                                  (" or an image" if engine.embedder.accepts_images else ""))
-        if item.text or not item.image:
+        if item.text:
             _text(item.text, f"inputs[{i}].text", limits)
         inputs.append(EmbedInput(item.text, item.image or None))
     _embeddable(inputs, _ROLES[req.role], [f"inputs[{i}]" for i in range(len(inputs))], engine)

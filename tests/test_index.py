@@ -36,7 +36,9 @@ def test_search_knobs_change_recall_and_survive_save_and_load(tmp_path):
     faiss.write_index(high, str(tmp_path / "index.faiss"))
     again = load_index(tmp_path / "index.faiss", IndexConfig(factory="IVF64,Flat", nprobe=32))
     assert recall_against_exact(again, x, ids, q)["recall@10"] == r_high
-    assert faiss.extract_index_ivf(again.index).nprobe == 32
+    lowered = load_index(tmp_path / "index.faiss", IndexConfig(factory="IVF64,Flat", nprobe=1))  # the config wins
+    assert faiss.extract_index_ivf(lowered.index).nprobe == 1
+    assert recall_against_exact(lowered, x, ids, q)["recall@10"] == r_low
 
 
 def test_exact_index_is_exact_and_auto_picks_by_size():

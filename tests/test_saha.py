@@ -33,11 +33,16 @@ def test_pairs_come_from_training_positions_only(tiny_data):
 
 
 def slow_mine(q, d, pairs, k, pool, owner_of):
+    """The rules as stated, one anchor at a time: the pool + 2 nearest positives, then no known positive of the anchor's
+    query item, not that item itself, no owner sharing its query item; the k owners least like the anchor."""
     positives = np.unique(pairs[:, 1])
+    leads_to = {}
+    for qa, pa in pairs:
+        leads_to.setdefault(qa, set()).add(pa)
     out = []
     for a, (qa, pa) in enumerate(pairs):
-        near = positives[np.argsort(-(d[positives] @ q[qa]), kind="stable")[: pool + 1]]
-        owners = [owner_of[i] for i in near if i != pa and pairs[owner_of[i], 0] != qa]
+        near = positives[np.argsort(-(d[positives] @ q[qa]), kind="stable")[: pool + 2]]
+        owners = [owner_of[i] for i in near if i not in leads_to[qa] and i != qa and pairs[owner_of[i], 0] != qa]
         owners.sort(key=lambda o: float(q[pairs[o, 0]] @ q[qa]))
         out.append((owners[:k] + [-1] * k)[:k])
     return np.array(out)
@@ -49,16 +54,27 @@ def test_mining_matches_a_slow_reference():
     q, d = unit(rng.normal(size=(n_items, 8))), unit(rng.normal(size=(n_items, 8)))
     pairs = np.unique(rng.integers(0, n_items, size=(150, 2)), axis=0)
     pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    fast = mine_hard_owners(q, d, pairs, k=4, pool=10, seed=3)
+    fast = mine_hard_owners(q, d, pairs, k=4, pool=10, seed=3, chunk=7)
     # The owner drawn for each positive item is the last pair with that positive in the seeded permutation.
     perm = np.random.default_rng(3).permutation(len(pairs))
     owner_of = {}
     for p in perm:
         owner_of[pairs[p, 1]] = p
     assert (fast == slow_mine(q, d, pairs, 4, 10, owner_of)).all()
-    for a, row in enumerate(fast):  # never the anchor's own positive item, never its own query item
-        for o in row[row >= 0]:
-            assert pairs[o, 1] != pairs[a, 1] and pairs[o, 0] != pairs[a, 0]
+    known = {tuple(p) for p in pairs.tolist()}
+    for a, row in enumerate(fast):
+        for o in row[row >= 0]:  # a mined negative is never a known positive of the anchor's query, nor that item
+            assert (pairs[a, 0], pairs[o, 1]) not in known and pairs[o, 1] != pairs[a, 0]
+
+
+def test_mining_never_offers_the_query_item_itself():
+    """With queries and documents embedded alike, an anchor's own query item is its nearest document (cosine 1)."""
+    rng = np.random.default_rng(4)
+    v = unit(rng.normal(size=(40, 6)))
+    pairs = np.array([[i, (i + 1) % 40] for i in range(40)] + [[i, (i + 7) % 40] for i in range(0, 40, 3)])
+    hard = mine_hard_owners(v, v, pairs, k=5, pool=12, seed=0)
+    for a, row in enumerate(hard):
+        assert pairs[a, 0] not in pairs[row[row >= 0], 1]
 
 
 def test_mining_keeps_the_owners_least_similar_to_the_anchor():
@@ -88,7 +104,7 @@ def test_packing_keeps_clusters_together_and_uses_each_pair_once():
     assert sorted(np.concatenate(plain).tolist()) == list(range(100))
 
 
-def test_infonce_masks_in_batch_copies_of_the_positive():
+def test_infonce_masks_known_false_negatives():
     class Fixed(torch.nn.Module):
         """Stands in for the backbone with fixed vectors per text, so the loss can be checked by hand."""
 
@@ -103,19 +119,25 @@ def test_infonce_masks_in_batch_copies_of_the_positive():
         def forward(self, rows):
             return torch.nn.functional.normalize(self.vectors[rows], dim=-1)
 
-    vec = unit(np.random.default_rng(0).normal(size=(6, 4)))
-    model = ContrastiveModel(Fixed(vec), [str(i) for i in range(6)], temperature=0.5)
-    pairs = torch.tensor([[0, 3], [1, 4], [2, 3]])  # pairs 0 and 2 share the positive item 3
-    loss = model(pairs)["loss"]
+    vec = unit(np.random.default_rng(0).normal(size=(8, 4)))
+    known = np.array([[0, 3], [1, 4], [2, 3], [5, 0], [0, 6], [1, 7]])  # item 0 is known to lead to 3 and 6
+    model = ContrastiveModel(Fixed(vec), [str(i) for i in range(8)], temperature=0.5, known_pairs=known)
+    batch = torch.tensor([[0, 3], [1, 4], [2, 3], [5, 0], [7, 6], [6, 1]])
+    loss = model(batch)["loss"]
+    q, p = batch[:, 0].tolist(), batch[:, 1].tolist()
+    pairs = {tuple(x) for x in known.tolist()}
     v = torch.as_tensor(vec)
-    logits = v[[0, 1, 2]] @ v[[3, 4, 3]].T / 0.5
+    logits = v[q] @ v[p].T / 0.5
     expected = []
-    for i in range(3):
-        keep = [j for j in range(3) if j == i or [3, 4, 3][j] != [3, 4, 3][i]]
+    for i in range(len(q)):
+        keep = [j for j in range(len(q)) if j == i or ((q[i], p[j]) not in pairs and p[j] != q[i])]
         expected.append(-(logits[i, i] - torch.logsumexp(logits[i, keep], 0)))
     assert torch.allclose(loss, torch.stack(expected).mean())
-
-
+    masked = model.false_negatives(batch)
+    assert masked[0, 2] and masked[2, 0]  # in-batch copies of the positive 3
+    assert masked[0, 3] and masked[5, 4] and masked[1, 5]  # a candidate that is the row's own query item
+    assert masked[0, 4]  # item 0 is known to lead to 6, row 4's positive
+    assert not masked[0, 1] and not masked[3].any() and not masked[4].any() and not masked.diagonal().any()
 def test_retrieval_ranks_match_sorting():
     rng = np.random.default_rng(2)
     q, d = unit(rng.normal(size=(30, 5))), unit(rng.normal(size=(30, 5)))
@@ -125,6 +147,8 @@ def test_retrieval_ranks_match_sorting():
     for (a, b), r in zip(pairs, ranks):
         order = [i for i in np.argsort(-(d @ q[a]), kind="stable") if i != a]
         assert order.index(b) == r
+    tied = np.ones((3, 2), dtype=np.float32) / np.sqrt(2)  # every document scores the same: ties count against
+    assert retrieval_ranks(tied, tied, np.array([[0, 1], [1, 2]])).tolist() == [1, 1]
 
 
 def test_training_writes_a_tuned_backbone_and_resumes_exactly(tiny_data, tmp_path):

@@ -10,8 +10,10 @@ SaHa, once per epoch with the model's current weights: embed every catalog item 
 each anchor pair retrieve a pool of the documents nearest its query; map each candidate document back to a pair that
 owns it (a pair whose positive it is); drop likely false negatives by keeping the k owners whose *queries* are least
 similar to the anchor's query; pack the anchor and those k pairs into the same batch, so every positive in the
-cluster is a hard negative for the others. Loss: InfoNCE over the in-batch positives at temperature 0.02, with
-in-batch copies of a pair's own positive item masked out (they are not negatives).
+cluster is a hard negative for the others. Loss: InfoNCE over the in-batch positives at temperature 0.02. Known
+false negatives never count: a candidate that is the row's own query item, or any item the row's query item is known
+to lead to in the training pairs (its own positive and the copies of it included), is masked in the loss and never
+mined. Under DDP each rank's share of a batch is its own set of candidates.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ def next_item_pairs(seqs: list[np.ndarray]) -> np.ndarray:
 
 
 def heldout_pairs(ds: Dataset, split: str) -> np.ndarray:
-    """(P, 2): the held-out item of `split` and the item just before it, for users with at least 3 items."""
+    """(P, 2): (the item just before the held-out item of `split`, that held-out item), for users with >= 3 items."""
     cut = {"valid": 2, "test": 1}[split]
     rows = [(s[len(s) - cut - 1], s[len(s) - cut]) for s in ds.sequences if len(s) >= 3]
     p = np.array(rows, dtype=np.int64).reshape(-1, 2)
@@ -51,7 +53,8 @@ def heldout_pairs(ds: Dataset, split: str) -> np.ndarray:
 
 
 def retrieval_ranks(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """0-based rank of each pair's next item among all catalog documents for its query (the query item excluded)."""
+    """0-based rank of each pair's next item among all catalog documents for its query (the query item excluded);
+    ties count against the target."""
     docs = torch.as_tensor(doc_vecs)
     ranks = []
     for s in range(0, len(pairs), chunk):
@@ -59,7 +62,7 @@ def retrieval_ranks(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.ndar
         scores = torch.as_tensor(query_vecs)[p[:, 0]] @ docs.T  # (B, N)
         scores[torch.arange(len(p)), p[:, 0]] = float("-inf")
         target = scores.gather(1, p[:, 1:2])
-        ranks.append((scores > target).sum(1).numpy())
+        ranks.append(((scores >= target).sum(1) - 1).numpy())
     return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
 
 
@@ -77,12 +80,19 @@ def evaluate_retrieval(embedder, texts: list[str], pairs: np.ndarray, shard: tup
     return retrieval_ranks(queries, docs, pairs)
 
 
+def pair_keys(queries, positives, n_items: int) -> np.ndarray:
+    return np.asarray(queries, dtype=np.int64) * n_items + np.asarray(positives, dtype=np.int64)
+
+
 def mine_hard_owners(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.ndarray, k: int, pool: int,
-                     seed: int) -> np.ndarray:
+                     seed: int, chunk: int = 1024) -> np.ndarray:
     """(P, k) pair indices: for each anchor pair, k pairs whose positives are among the `pool` documents nearest the
     anchor's query, chosen as the ones whose queries are least similar to the anchor's (-1 where fewer exist).
-    Candidates that are the anchor's own positive item, or whose owner shares the anchor's query item, are dropped."""
+    Dropped before that: candidates the anchor's query item is known to lead to (its own positive among them), the
+    anchor's query item itself, and candidates whose owner shares the anchor's query item."""
     rng = np.random.default_rng(seed)
+    n_items = len(query_vecs)
+    known = np.sort(pair_keys(pairs[:, 0], pairs[:, 1], n_items))
     positives = np.unique(pairs[:, 1])
     # One owner per positive item, drawn at random each epoch (an item is the positive of many pairs).
     perm = rng.permutation(len(pairs))
@@ -91,13 +101,14 @@ def mine_hard_owners(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.nda
     index = faiss.IndexFlatIP(doc_vecs.shape[1])
     index.add(np.ascontiguousarray(doc_vecs[positives]))
     out = np.full((len(pairs), k), -1, dtype=np.int64)
-    for s in range(0, len(pairs), 4096):
-        a = np.arange(s, min(s + 4096, len(pairs)))
+    for s in range(0, len(pairs), chunk):
+        a = np.arange(s, min(s + chunk, len(pairs)))
         anchor_q = np.ascontiguousarray(query_vecs[pairs[a, 0]])
-        _, found = index.search(anchor_q, min(pool + 1, len(positives)))  # +1: the anchor's own positive
+        _, found = index.search(anchor_q, min(pool + 2, len(positives)))  # +2: its own positive and query item
         cand_items = positives[found.clip(0)]
-        owners = owner_of[cand_items]  # (A, pool+1)
-        bad = (found < 0) | (cand_items == pairs[a, 1:2]) | (pairs[owners, 0] == pairs[a, 0:1])
+        owners = owner_of[cand_items]  # (A, pool+2)
+        bad = (found < 0) | (cand_items == pairs[a, 0:1]) | (pairs[owners, 0] == pairs[a, 0:1]) | \
+            np.isin(pair_keys(pairs[a, 0:1], cand_items, n_items), known)
         sim = np.einsum("ad,apd->ap", anchor_q, query_vecs[pairs[owners, 0]])
         sim[bad] = np.inf
         keep = np.argsort(sim, 1, kind="stable")[:, :k]
@@ -134,18 +145,25 @@ class ContrastiveModel(torch.nn.Module):
 
     has_unused_parameters = True  # e.g. BERT's pooler: computed by the backbone, not pooled from
 
-    def __init__(self, embedder, texts: list[str], temperature: float):
+    def __init__(self, embedder, texts: list[str], temperature: float, known_pairs: np.ndarray):
         super().__init__()
         self.embedder, self.texts, self.temperature = embedder, texts, temperature
+        self.known = np.sort(pair_keys(known_pairs[:, 0], known_pairs[:, 1], len(texts)))
+
+    def false_negatives(self, pairs: torch.Tensor) -> torch.Tensor:
+        """(B, B) bool, off the diagonal: candidate j is row i's own query item, or an item row i's query item is
+        known to lead to (which covers in-batch copies of row i's positive)."""
+        q, p = pairs[:, 0].numpy(), pairs[:, 1].numpy()
+        known = np.isin(pair_keys(q[:, None], p[None, :], len(self.texts)), self.known) | (p[None, :] == q[:, None])
+        return torch.as_tensor(known) & ~torch.eye(len(q), dtype=torch.bool)
 
     def forward(self, pairs: torch.Tensor) -> dict[str, torch.Tensor]:
         prep = self.embedder.inputs
         q = self.embedder(prep.batch([self.texts[i] for i in pairs[:, 0].tolist()], "query", truncate=True))
         d = self.embedder(prep.batch([self.texts[i] for i in pairs[:, 1].tolist()], "document", truncate=True))
         logits = q @ d.T / self.temperature  # (B, B)
-        same_item = pairs[:, 1][None, :] == pairs[:, 1][:, None]
-        logits = logits.masked_fill(same_item & ~torch.eye(len(pairs), dtype=torch.bool), float("-inf"))
-        return {"loss": F.cross_entropy(logits, torch.arange(len(pairs)))}
+        logits = logits.masked_fill(self.false_negatives(pairs).to(logits.device), float("-inf"))
+        return {"loss": F.cross_entropy(logits, torch.arange(len(pairs), device=logits.device))}
 
 
 def load_embedder_config(backbone: str | Path, base: EmbedderConfig | None = None) -> EmbedderConfig:
@@ -172,7 +190,7 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     embedder = Embedder(embedder_cfg)
-    model = ContrastiveModel(embedder, texts, cfg.temperature)
+    model = ContrastiveModel(embedder, texts, cfg.temperature, pairs)
     if d.main:
         log(f"embedder: {len(pairs)} training pairs, {len(valid)} validation pairs, {len(texts)} items; "
             f"{'SaHa hard negatives (k ' + str(cfg.k) + ', pool ' + str(cfg.pool) + ')' if cfg.hard_negatives else 'in-batch negatives'}; "
@@ -188,24 +206,25 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
         seed = cfg.seed * 1000 + epoch
         if not cfg.hard_negatives:
             return pack_batches(None, len(pairs), cfg.batch_size, seed)
-        cache = run_dir / f"batches-epoch{epoch}.npz"  # mined with the weights at the epoch's start: kept for resume
-        if cache.exists():
-            with np.load(cache) as z:
-                return np.split(z["flat"], z["bounds"])
-        was_training = model.training
-        model.eval()
-        v = embedder.encode(texts, "document", truncate=True, progress=d.main)
-        q = v if embedder.inputs.roles_alike else embedder.encode(texts, "query", truncate=True, progress=d.main)
-        model.train(was_training)
-        hard = mine_hard_owners(q, v, pairs, cfg.k, cfg.pool, seed)
-        out_batches = pack_batches(hard, len(pairs), cfg.batch_size, seed)
-        if d.main:
-            full = np.mean([len(b) == cfg.batch_size for b in out_batches])
-            log(f"embedder: epoch {epoch} mined: {int((hard >= 0).sum(1).mean())} hard pairs per anchor, "
-                f"{len(out_batches)} batches ({full:.0%} full)")
+        # Mined with the weights at the epoch's start and kept for --resume; keyed by what shapes the batches.
+        cache = run_dir / f"batches-epoch{epoch}-b{cfg.batch_size}-k{cfg.k}-p{cfg.pool}-s{cfg.seed}.npz"
+        if d.main and not cache.exists():
+            was_training = model.training
+            model.eval()
+            v = embedder.encode(texts, "document", truncate=True, progress=True)
+            q = v if embedder.inputs.roles_alike else embedder.encode(texts, "query", truncate=True, progress=True)
+            model.train(was_training)
+            hard = mine_hard_owners(q, v, pairs, cfg.k, cfg.pool, seed)
+            mined = pack_batches(hard, len(pairs), cfg.batch_size, seed)
+            full = np.mean([len(b) == cfg.batch_size for b in mined])
+            log(f"embedder: epoch {epoch} mined: {(hard >= 0).sum(1).mean():.1f} hard pairs per anchor, "
+                f"{len(mined)} batches ({full:.0%} full)")
             with atomic_file(cache, "wb") as f:
-                np.savez(f, flat=np.concatenate(out_batches), bounds=np.cumsum([len(b) for b in out_batches])[:-1])
-        return out_batches
+                np.savez(f, flat=np.concatenate(mined), bounds=np.cumsum([len(b) for b in mined])[:-1])
+        if d.world > 1:
+            torch.distributed.barrier()  # the other ranks read what the main rank mined
+        with np.load(cache) as z:
+            return np.split(z["flat"], z["bounds"])
 
     def evaluate(m, dd: Dist) -> np.ndarray:
         return evaluate_retrieval(embedder, texts, valid, (dd.rank, dd.world))

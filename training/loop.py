@@ -60,6 +60,7 @@ class TrainState:
     best_step: int = -1
     evals_since_best: int = 0
     done: bool = False
+    stopped_by_max_steps: bool = False
     history: list = field(default_factory=list)
 
 
@@ -178,9 +179,8 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
         opt.load_state_dict(ck["optimizer"])
         torch.set_rng_state(ck["torch_rng"])
         st = TrainState(**ck["state"])
-        if st.done and max_steps is not None and st.step < max_steps and st.epoch < cfg.max_epochs and \
-                st.elapsed < cfg.max_minutes * 60:
-            st.done = False  # the run stopped at an earlier --max-steps: go on to the new one
+        if st.stopped_by_max_steps and (max_steps is None or st.step < max_steps):
+            st.done = st.stopped_by_max_steps = False  # the run stopped at an earlier --max-steps: go on
     elif d.main:
         for stale in ("metrics.jsonl", "checkpoint.pt", "best.safetensors"):
             (run_dir / stale).unlink(missing_ok=True)
@@ -225,6 +225,10 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
                    disable=not d.main, leave=False)
         while st.batch_in_epoch < len(batches):
             idx = batches[st.batch_in_epoch]
+            if len(idx) < d.world:  # too small to give every rank a row (a packed epoch's last scraps): skipped
+                st.batch_in_epoch += 1
+                bar.update(1)
+                continue
             idx = np.array_split(idx, d.world)[d.rank]  # this rank's slice of the global batch
             w = windows[idx]
             w = torch.as_tensor(w[:, -max(2, int(lengths[idx].max())):])  # trim padding shared by the batch
@@ -245,7 +249,8 @@ def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.n
             bar.set_postfix(loss=f"{loss:.4f}")
             if st.step % log_every == 0 or st.batch_in_epoch == len(batches):
                 record({"step": st.step, "loss": loss, "lr": opt.param_groups[0]["lr"]})
-            out_of_time = st.elapsed > cfg.max_minutes * 60 or (max_steps is not None and st.step >= max_steps)
+            st.stopped_by_max_steps = max_steps is not None and st.step >= max_steps
+            out_of_time = st.elapsed > cfg.max_minutes * 60 or st.stopped_by_max_steps
             if d.world > 1:  # every rank must agree to stop
                 flag = torch.tensor([float(out_of_time)])
                 dist.all_reduce(flag, op=dist.ReduceOp.MAX)
