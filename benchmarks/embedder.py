@@ -46,12 +46,13 @@ def onnx_report(texts: list[str], out_dir: Path) -> dict:
 
     torch_e = Embedder(EmbedderConfig())
     path = export_onnx(torch_e, out_dir / "embedder.onnx")
-    onnx_e = OnnxEmbedder(torch_e.cfg, path)
+    onnx_e = OnnxEmbedder(torch_e.cfg, path, threads=torch.get_num_threads())  # the same cores as torch
     sample = texts[:2048]
     a, b = torch_e.encode(sample, truncate=True), onnx_e.encode(sample, truncate=True)
     cos = (a * b).sum(1)
     report = {"texts": len(sample), "cosine_min": float(cos.min()), "cosine_mean": float(cos.mean()),
               "max_abs_diff": float(np.abs(a - b).max())}
+    report["threads"] = torch.get_num_threads()
     for name, e in (("torch", torch_e), ("onnx", onnx_e)):
         for batch in (1, 64):
             report[f"{name}_per_s_batch{batch}"] = throughput(e, texts, batch)
@@ -66,7 +67,8 @@ def main():
     ap.add_argument("--minutes", type=float, default=60.0, help="training-time cap per fine-tuning run")
     ap.add_argument("--preset", default="beauty", help="preset with the embedder_train recipe")
     ap.add_argument("--variants", nargs="*", default=None,
-                    help="subset of 'zero-shot', 'in-batch', 'saha', each with ' +prompt' (default: all six)")
+                    help="subset of 'zero-shot', 'in-batch', 'saha', each with ' +prompt' (default: all six; "
+                         "'none': only the ONNX comparison)")
     ap.add_argument("--skip-onnx", action="store_true", help="leave out the ONNX comparison")
     ap.add_argument("--out", help="results JSON (default results/embedder-DATASET.json)")
     args = ap.parse_args()
@@ -78,6 +80,7 @@ def main():
     texts = [it.text for it in ds.catalog.items]
     batch_size = args.batch_size or preset.embedder_train.batch_size
     variants = args.variants or [f"{m}{p}" for p in ("", " +prompt") for m in ("saha", "in-batch", "zero-shot")]
+    variants = [] if variants == ["none"] else variants
     report = {"dataset": name, "steps": args.steps, "batch_size": batch_size, "minutes": args.minutes, "threads": torch.get_num_threads(),
               "rows": []}
     if out.exists():  # a re-run adds to or replaces rows, so variants can run in separate processes
