@@ -181,13 +181,13 @@ class PromptTokenizer:
             text = self.tok(x.text, add_special_tokens=False).input_ids if x.text.strip() else []
             room = self.cfg.max_length - len(pre) - len(post)
             if room < 1:
-                raise ValueError(f"the prompt alone takes {len(pre) + len(post)} tokens, the limit is "
+                raise ValueError(f"special tokens and prompt alone take {len(pre) + len(post)} tokens, the limit is "
                                  f"{self.cfg.max_length}: raise embedder.max_length or set embedder.prompt: false")
             if len(text) > room:
                 if not truncate:
                     raise ValueError(f"{at}: the text is {len(text)} tokens, over the limit of {room} "
-                                     f"(embedder.max_length {self.cfg.max_length} less {len(pre) + len(post)} for the "
-                                     f"prompt): shorten it")
+                                     f"(embedder.max_length {self.cfg.max_length} less {len(pre) + len(post)} for "
+                                     f"special tokens and prompt): shorten it")
                 text = text[:room]
             rows.append(pre + vision + text + post)
         batch = dict(self.tok.pad({"input_ids": rows}, return_tensors="pt"))
