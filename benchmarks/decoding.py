@@ -13,7 +13,6 @@ value (1 on the target's path): how far better guidance alone would take the sea
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.atomic import atomic_file
+from genrec.atomic import write_json
 from genrec.bundle import Bundle
 from genrec.data import eval_split, load_dataset
 from genrec.evaluate import generate_topk, invalid_rate
@@ -151,9 +150,7 @@ def main():
         print(f"{'variant':<30}{'R@10':>8}{'N@10':>8}")
         for r in report["ablations"]:
             print(f"{r['variant']:<30}{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as f:
-        json.dump(report, f, indent=2)
+    write_json(out, report)
     print(f"results written to {out}")
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.atomic import atomic_file
+from genrec.atomic import write_json
 from genrec.config import EmbedderConfig, load_preset
 from genrec.data import load_dataset
 from training.embedder import eval_embedder, load_embedder_config, train_embedder
@@ -106,8 +106,7 @@ def main():
                     if "@" in k or k == "pairs"}, eval_seconds=round(time.time() - t0, 1))
         report["rows"].append(row)
         print(f"{variant}: {row}", flush=True)
-        with atomic_file(out) as f:
-            json.dump(report, f, indent=2)
+        write_json(out, report)
 
     if not args.skip_onnx:
         report["onnx"] = onnx_report(texts, runs)
@@ -124,9 +123,7 @@ def main():
         print(f"\nONNX vs torch (MiniLM, {o['texts']} catalog texts): cosine min {o['cosine_min']:.6f}; embeddings/s "
               f"batch 1: torch {o['torch_per_s_batch1']:.1f}, onnx {o['onnx_per_s_batch1']:.1f}; batch 64: torch "
               f"{o['torch_per_s_batch64']:.1f}, onnx {o['onnx_per_s_batch64']:.1f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as f:
-        json.dump(report, f, indent=2)
+    write_json(out, report)
     print(f"results written to {out}")
 
 

@@ -9,15 +9,13 @@ interpreter is a correctness tool, not a speed one), so the table then shows the
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from genrec.atomic import atomic_file
+from genrec.atomic import write_json
 from kernels.constrained_topk import constrained_topk_torch, constrained_topk_triton
 from kernels.ved_scores import ved_scores_torch, ved_scores_triton
 from models.semantic_ids import PrefixTrie
@@ -90,9 +88,7 @@ def main():
         speedup = "-" if tri is None else f"{r['torch_ms'] / tri:.1f}x"
         print(f"{r['kernel']:<18}{r['rows']:>16}{r['torch_ms']:>10.3f}{tri_text:>11}{speedup:>10}  "
               f"{r.get('parity', 'n/a (cpu)')}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(Path(args.out)) as f:
-        json.dump(report, f, indent=2)
+    write_json(args.out, report)
     print(f"results written to {args.out}")
 
 

@@ -8,7 +8,6 @@ Prints a table and writes one JSON with metrics, wall times, peak memory and the
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import resource
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from genrec.atomic import atomic_file
+from genrec.atomic import write_json
 from genrec.build import build_bundle
 from genrec.bundle import Bundle
 from genrec.config import load_preset
@@ -81,8 +80,7 @@ def main() -> None:
     print(f"invalid rate {report['test']['invalid_rate']:.4f}; SFT {report['sft']['train_seconds'] / 60:.1f} min of "
           f"training ({report['phases']['sft']['wall_seconds'] / 60:.1f} min wall with validation); "
           f"peak RSS {peak_rss_mb():.0f} MB")
-    with atomic_file(out) as f:
-        json.dump(report, f, indent=2)
+    write_json(out, report)
     print(f"results written to {out}")
 
 

@@ -12,13 +12,12 @@ SFT policy itself (step 0) still shows what RL did to it. Prints a table and wri
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
-from genrec.atomic import atomic_file
+from genrec.atomic import write_json
 from genrec.bundle import Bundle, update_bundle
 from genrec.data import load_dataset
 from genrec.evaluate import evaluate
@@ -83,9 +82,7 @@ def main():
     for r in report["rows"]:
         print(f"{r['variant']:<46}{r['recall@5']:>8.4f}{r['ndcg@5']:>8.4f}{r['recall@10']:>8.4f}{r['ndcg@10']:>8.4f}"
               f"{r.get('steps', 0):>7}{r.get('best_step', 0):>6}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as f:
-        json.dump(report, f, indent=2)
+    write_json(out, report)
     print(f"results written to {out}")
 
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.atomic import atomic_file
+from genrec.atomic import write_json
 from genrec.bundle import Bundle
 from genrec.data import eval_split, load_dataset, train_pairs
 from genrec.metrics import ndcg_at, recall_at
@@ -149,9 +149,7 @@ def main():
         print(f"search    {s['users']} test users: beam-20 R@10 {s['beam20_recall@10']:.4f} N@10 "
               f"{s['beam20_ndcg@10']:.4f}; exhaustive R@10 {s['exhaustive_recall@10']:.4f} N@10 "
               f"{s['exhaustive_ndcg@10']:.4f}; top-10 overlap {s['top10_overlap']:.3f}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(out) as f:
-        json.dump(report, f, indent=2)
+    write_json(out, report)
     print(f"results written to {out}")
 
 

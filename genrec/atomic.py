@@ -34,6 +34,15 @@ def atomic_file(path: str | Path, mode: str = "w", **kwargs):
         yield f
 
 
+def write_json(path: str | Path, obj) -> None:
+    """`obj` as indented JSON at `path`, written atomically (parent folders are created)."""
+    import json
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path) as f:
+        json.dump(obj, f, indent=2)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | Path):
     """Yield an empty temp directory; on success it replaces `path` (the old one is removed after the swap)."""

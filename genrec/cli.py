@@ -38,13 +38,6 @@ def clear_errors(fn):
     return wrapper
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    from genrec.atomic import atomic_file
-
-    with atomic_file(path) as f:
-        json.dump(obj, f, indent=2)
-
-
 Data = Annotated[Path, typer.Option(help="dataset folder (items.jsonl + sequential_data.txt or interactions.csv)")]
 BundlePath = Annotated[Path, typer.Option("--bundle", help="bundle directory")]
 
@@ -281,7 +274,9 @@ def embedder_eval(
         emb = emb.model_copy(update={"max_length": max_length})
     results = eval_embedder(data, emb, split)
     if json_out:
-        _write_json(json_out, results)
+        from genrec.atomic import write_json
+
+        write_json(json_out, results)
 
 
 @embedder_app.command("export-onnx")
@@ -366,7 +361,9 @@ def evaluate(
     results = run(Bundle.load(bundle), load_dataset(data), split.value, k, beam_width, predictions,
                   decoding=decoding.value, budget=budget)
     if json_out:
-        _write_json(json_out, results)
+        from genrec.atomic import write_json
+
+        write_json(json_out, results)
 
 
 @app.command()

@@ -4,7 +4,6 @@ the masked InfoNCE loss, retrieval ranks, and a real training run with resume.""
 import json
 
 import numpy as np
-import pytest
 import torch
 
 from genrec.config import EmbedderConfig, EmbedderTrainConfig
