@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 from genrec.atomic import atomic_dir, atomic_file
 from genrec.config import EmbedderConfig, EmbedderTrainConfig
 from genrec.data import Dataset, load_dataset, train_sequences
-from training.loop import Dist, fit, init_distributed, metrics_from_ranks
+from training.loop import Dist, fit, init_distributed, metrics_from_ranks, run_summary
 
 CONFIG_FILE = "genrec_embedder.json"  # the prompt settings a tuned backbone was trained with, beside its weights
 
@@ -193,7 +193,7 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     model = ContrastiveModel(embedder, texts, cfg.temperature, pairs)
     if d.main:
         log(f"embedder: {len(pairs)} training pairs, {len(valid)} validation pairs, {len(texts)} items; "
-            f"{'SaHa hard negatives (k ' + str(cfg.k) + ', pool ' + str(cfg.pool) + ')' if cfg.hard_negatives else 'in-batch negatives'}; "
+            f"{f'SaHa hard negatives (k {cfg.k}, pool {cfg.pool})' if cfg.hard_negatives else 'in-batch negatives'}; "
             f"run dir {run_dir}")
 
     if d.main and not resume:  # batches mined by an earlier run in this directory belong to its weights
@@ -231,10 +231,8 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
 
     st = fit(model, pairs, evaluate, cfg, run_dir, resume=resume, d=d, max_steps=max_steps, desc="embedder",
              batches=batches, log_every=10)
-    best = next((h for h in st.history if h.get("step") == st.best_step and "ndcg@10" in h), {})
-    summary = {"steps": st.step, "epochs": st.epoch, "train_seconds": round(st.elapsed, 1), "pairs": int(len(pairs)),
-               "best_step": st.best_step, "valid": {k: v for k, v in best.items() if "@" in k},
-               "embedder": embedder_cfg.model_dump(), "config": cfg.model_dump()}
+    summary = {**run_summary(st, cfg, pairs=int(len(pairs))), "embedder": embedder_cfg.model_dump()}
+    best = summary["valid"]
     if d.main:
         model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
         out = Path(out)

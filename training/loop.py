@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from genrec.atomic import atomic_file, atomic_path
+from genrec.atomic import atomic_path
 from genrec.config import TrainConfig
 from genrec.metrics import ndcg_at, recall_at
 
@@ -122,6 +122,14 @@ def track_best(st, ndcg: float, save_best: Callable[[], None]) -> None:
         save_best()
     else:
         st.evals_since_best += 1
+
+
+def run_summary(st: TrainState, cfg, **sizes) -> dict:
+    """What a finished fit() reports: steps, time, the best validation point, the config, plus `sizes` (e.g. the
+    number of training windows or pairs)."""
+    best = next((h for h in st.history if h.get("step") == st.best_step and "ndcg@10" in h), {})
+    return {"steps": st.step, "epochs": st.epoch, "train_seconds": round(st.elapsed, 1), **sizes,
+            "best_step": st.best_step, "valid": {k: v for k, v in best.items() if "@" in k}, "config": cfg.model_dump()}
 
 
 def plot_curves(history: list[dict], path: Path, keys: tuple[str, ...] = ("recall@10", "ndcg@10")) -> None:

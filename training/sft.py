@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -19,7 +18,7 @@ from genrec.evaluate import recommender_ranks, sasrec_ranks
 from models.decoding import Trie
 from models.recommender import Recommender
 from models.sasrec import SASRec
-from training.loop import fit, init_distributed
+from training.loop import fit, init_distributed, run_summary
 
 
 def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None):
@@ -28,12 +27,6 @@ def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None):
     ds = load_dataset(data)
     bundle.check_catalog(ds)
     return bundle, preset, ds
-
-
-def _summary(st, cfg: TrainConfig, windows: np.ndarray) -> dict:
-    best = next((h for h in st.history if h.get("step") == st.best_step and "ndcg@10" in h), {})
-    return {"steps": st.step, "epochs": st.epoch, "train_seconds": round(st.elapsed, 1), "windows": int(len(windows)),
-            "best_step": st.best_step, "valid": {k: v for k, v in best.items() if "@" in k}, "config": cfg.model_dump()}
 
 
 def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None = None,
@@ -55,7 +48,7 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
     trie = Trie.from_prefix_trie(prefix_trie)
     st = fit(model, windows, lambda m, dd: recommender_ranks(m, trie, valid, cfg.beam_width, (dd.rank, dd.world)),
              cfg, run_dir, resume=resume, d=d, max_steps=max_steps, desc="sft")
-    summary = _summary(st, cfg, windows)
+    summary = run_summary(st, cfg, windows=int(len(windows)))
     if d.main:
         model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
         # A value head (and any RL result) belongs to the policy it was fitted to: a new policy drops them.
@@ -86,7 +79,7 @@ def train_sasrec(bundle_path: str | Path, data: str | Path, preset_name: str | N
     model = SASRec(preset.sasrec, len(bundle.catalog))
     st = fit(model, windows, lambda m, dd: sasrec_ranks(m, valid, (dd.rank, dd.world)), cfg, run_dir,
              resume=resume, d=d, max_steps=max_steps, desc="sasrec")
-    summary = _summary(st, cfg, windows)
+    summary = run_summary(st, cfg, windows=int(len(windows)))
     if d.main:
         model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
         update_bundle(bundle_path, {"baselines/sasrec.safetensors": model.save},
