@@ -116,6 +116,9 @@ class EmbedderTrainConfig(TrainConfig):
     pool: int = Field(90, ge=2, le=10_000, description="SaHa: candidates retrieved per anchor before the k least "
                       "similar owners are kept (drops likely false negatives)")
     temperature: float = Field(0.02, gt=0.0, le=10.0, description="InfoNCE temperature")
+    bucket_rows: int = Field(16, ge=1, le=65_536, description="the batch's texts run through the backbone this many "
+                             "at a time, sorted by length, so short texts are not padded to the batch's longest (1.8x "
+                             "faster on CPU at batch 64); the loss still spans the whole batch. Raise it on a GPU")
 
     @model_validator(mode="after")
     def _check(self):

@@ -137,6 +137,19 @@ def test_infonce_masks_known_false_negatives():
     assert masked[0, 3] and masked[5, 4] and masked[1, 5]  # a candidate that is the row's own query item
     assert masked[0, 4]  # item 0 is known to lead to 6, row 4's positive
     assert not masked[0, 1] and not masked[3].any() and not masked[4].any() and not masked.diagonal().any()
+
+
+def test_length_buckets_give_the_whole_batch_embeddings_in_order():
+    texts = ["serum", "a very long description of a moisturising night cream with retinol and peptides", "lipstick",
+             "nail polish in a deep shade of red", "eye cream", "shampoo for dry hair with argan oil", "toner"]
+    embedder = Embedder(EmbedderConfig())  # eval mode: no dropout, so the two paths must agree
+    items = [3, 1, 6, 0, 1, 5, 2, 4]
+    reference = embedder(embedder.inputs.batch([texts[i] for i in items], "query", truncate=True))
+    for rows in (1, 3, 16):
+        bucketed = ContrastiveModel(embedder, texts, 0.02, np.array([[0, 1]]), bucket_rows=rows).embed(items, "query")
+        assert torch.allclose(bucketed, reference, atol=1e-5), rows
+
+
 def test_retrieval_ranks_match_sorting():
     rng = np.random.default_rng(2)
     q, d = unit(rng.normal(size=(30, 5))), unit(rng.normal(size=(30, 5)))

@@ -145,9 +145,10 @@ class ContrastiveModel(torch.nn.Module):
 
     has_unused_parameters = True  # e.g. BERT's pooler: computed by the backbone, not pooled from
 
-    def __init__(self, embedder, texts: list[str], temperature: float, known_pairs: np.ndarray):
+    def __init__(self, embedder, texts: list[str], temperature: float, known_pairs: np.ndarray,
+                 bucket_rows: int = 16):
         super().__init__()
-        self.embedder, self.texts, self.temperature = embedder, texts, temperature
+        self.embedder, self.texts, self.temperature, self.bucket_rows = embedder, texts, temperature, bucket_rows
         self.known = np.sort(pair_keys(known_pairs[:, 0], known_pairs[:, 1], len(texts)))
 
     def false_negatives(self, pairs: torch.Tensor) -> torch.Tensor:
@@ -157,10 +158,18 @@ class ContrastiveModel(torch.nn.Module):
         known = np.isin(pair_keys(q[:, None], p[None, :], len(self.texts)), self.known) | (p[None, :] == q[:, None])
         return torch.as_tensor(known) & ~torch.eye(len(q), dtype=torch.bool)
 
+    def embed(self, items: list[int], role: str) -> torch.Tensor:
+        """(B, D) for these catalog rows, run bucket_rows at a time in length order (a text's embedding does not
+        depend on its batch mates, so this only saves the padding), returned in the given order."""
+        order = np.argsort([len(self.texts[i]) for i in items], kind="stable")
+        parts = [self.embedder(self.embedder.inputs.batch([self.texts[items[i]] for i in order[s: s + self.bucket_rows]],
+                                                         role, truncate=True))
+                 for s in range(0, len(items), self.bucket_rows)]
+        return torch.cat(parts)[torch.as_tensor(np.argsort(order, kind="stable"), device=parts[0].device)]
+
     def forward(self, pairs: torch.Tensor) -> dict[str, torch.Tensor]:
-        prep = self.embedder.inputs
-        q = self.embedder(prep.batch([self.texts[i] for i in pairs[:, 0].tolist()], "query", truncate=True))
-        d = self.embedder(prep.batch([self.texts[i] for i in pairs[:, 1].tolist()], "document", truncate=True))
+        q = self.embed(pairs[:, 0].tolist(), "query")
+        d = self.embed(pairs[:, 1].tolist(), "document")
         logits = q @ d.T / self.temperature  # (B, B)
         logits = logits.masked_fill(self.false_negatives(pairs).to(logits.device), float("-inf"))
         return {"loss": F.cross_entropy(logits, torch.arange(len(pairs), device=logits.device))}
@@ -190,7 +199,7 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     embedder = Embedder(embedder_cfg)
-    model = ContrastiveModel(embedder, texts, cfg.temperature, pairs)
+    model = ContrastiveModel(embedder, texts, cfg.temperature, pairs, cfg.bucket_rows)
     if d.main:
         log(f"embedder: {len(pairs)} training pairs, {len(valid)} validation pairs, {len(texts)} items; "
             f"{f'SaHa hard negatives (k {cfg.k}, pool {cfg.pool})' if cfg.hard_negatives else 'in-batch negatives'}; "
