@@ -69,6 +69,10 @@ def main():
     ap.add_argument("--variants", nargs="*", default=None,
                     help="subset of 'zero-shot', 'in-batch', 'saha', each with ' +prompt' (default: all six; "
                          "'none': only the ONNX comparison)")
+    ap.add_argument("--k", type=int, default=None, help="SaHa hard pairs per anchor (default: the preset's)")
+    ap.add_argument("--pool", type=int, default=None, help="SaHa candidate pool (default: the preset's)")
+    ap.add_argument("--resume", action="store_true", help="continue each variant's run in its run directory (e.g. "
+                    "to more --steps) instead of starting afresh")
     ap.add_argument("--skip-onnx", action="store_true", help="leave out the ONNX comparison")
     ap.add_argument("--out", help="results JSON (default results/embedder-DATASET.json)")
     args = ap.parse_args()
@@ -91,12 +95,16 @@ def main():
         emb = preset.embedder.model_copy(update={"prompt": prompt, "max_length": 96 if prompt else 64})
         row = {"variant": variant, "method": method, "prompt": prompt}
         if method != "zero-shot":
-            cfg = preset.embedder_train.model_copy(update={"hard_negatives": method == "saha",
-                                                           "max_minutes": args.minutes,
-                                                           "batch_size": args.batch_size or batch_size})
-            model_dir = runs / variant.replace(" +", "-") / "model"
+            base = preset.embedder_train
+            cfg = type(base).model_validate({**base.model_dump(), "hard_negatives": method == "saha",
+                                             "max_minutes": args.minutes, "batch_size": batch_size,
+                                             "k": args.k or base.k, "pool": args.pool or base.pool})
+            recipe = f"-k{cfg.k}-p{cfg.pool}" if method == "saha" and (args.k or args.pool) else ""
+            model_dir = runs / (variant.replace(" +", "-") + recipe) / "model"
+            if method == "saha":
+                row.update(k=cfg.k, pool=cfg.pool)
             summary = train_embedder(args.data, model_dir, emb, cfg, run_dir=model_dir.parent / "run",
-                                     max_steps=args.steps)
+                                     max_steps=args.steps, resume=args.resume)
             emb = load_embedder_config(model_dir.resolve(), emb)
             row.update(train_minutes=round(summary["train_seconds"] / 60, 1), steps=summary["steps"],
                        pairs_seen=summary["steps"] * cfg.batch_size, train_pairs=summary["pairs"],

@@ -10,8 +10,9 @@ from genrec.config import EmbedderConfig, EmbedderTrainConfig
 from genrec.data import load_dataset, train_sequences
 from models.embedder import Embedder
 from tests.tiny_backbones import save_tiny_qwen2
-from training.embedder import (CONFIG_FILE, ContrastiveModel, heldout_pairs, load_embedder_config, mine_hard_owners,
-                               next_item_pairs, pack_batches, retrieval_ranks, train_embedder)
+from training.embedder import (CONFIG_FILE, ContrastiveModel, fill_batches, hard_clusters, hard_negatives_per_row,
+                               heldout_pairs, load_embedder_config, nearest_positives, next_item_pairs, random_batches,
+                               retrieval_ranks, train_embedder)
 
 
 def unit(x):
@@ -31,76 +32,121 @@ def test_pairs_come_from_training_positions_only(tiny_data):
     assert train == {tuple(p) for p in next_item_pairs([s[:-2] if len(s) >= 3 else s for s in ds.sequences]).tolist()}
 
 
-def slow_mine(q, d, pairs, k, pool, owner_of):
-    """The rules as stated, one anchor at a time: the pool + 2 nearest positives, then no known positive of the anchor's
-    query item, not that item itself, no owner sharing its query item; the k owners least like the anchor."""
-    positives = np.unique(pairs[:, 1])
-    leads_to = {}
-    for qa, pa in pairs:
+def slow_clusters(q, near, pairs, k, seed):
+    """The rules as stated, one anchor at a time with sets: anchors in the seeded order; candidates are its near
+    documents that are not its query item nor known to follow it; for each, its least similar free owner not sharing
+    the anchor's query item; the k of those least like the anchor."""
+    leads_to, owners_of = {}, {}
+    for i, (qa, pa) in enumerate(pairs):
         leads_to.setdefault(qa, set()).add(pa)
-    out = []
-    for a, (qa, pa) in enumerate(pairs):
-        near = positives[np.argsort(-(d[positives] @ q[qa]), kind="stable")[: pool + 2]]
-        owners = [owner_of[i] for i in near if i not in leads_to[qa] and i != qa and pairs[owner_of[i], 0] != qa]
-        owners.sort(key=lambda o: float(q[pairs[o, 0]] @ q[qa]))
-        out.append((owners[:k] + [-1] * k)[:k])
-    return np.array(out)
+        owners_of.setdefault(pa, []).append(i)
+    used, clusters = set(), []
+    for a in np.random.default_rng(seed).permutation(len(pairs)):
+        if a in used:
+            continue
+        qa = pairs[a, 0]
+        sim = lambda o: float(q[pairs[o, 0]] @ q[qa])  # noqa: E731
+        picked = []
+        for c in near[a]:
+            if c < 0 or c == qa or c in leads_to[qa]:
+                continue
+            free = [o for o in owners_of[c] if o not in used and pairs[o, 0] != qa]
+            if free:
+                picked.append(min(free, key=lambda o: (sim(o), o)))
+        picked = sorted(picked, key=lambda o: (sim(o), o))[:k]
+        used.update([a, *picked])
+        clusters.append([a, *picked])
+    return clusters
 
 
-def test_mining_matches_a_slow_reference():
-    rng = np.random.default_rng(0)
-    n_items = 60
+def random_pairs(seed, n_items, n_pairs):
+    rng = np.random.default_rng(seed)
     q, d = unit(rng.normal(size=(n_items, 8))), unit(rng.normal(size=(n_items, 8)))
-    pairs = np.unique(rng.integers(0, n_items, size=(150, 2)), axis=0)
-    pairs = pairs[pairs[:, 0] != pairs[:, 1]]
-    fast = mine_hard_owners(q, d, pairs, k=4, pool=10, seed=3, chunk=7)
-    # The owner drawn for each positive item is the last pair with that positive in the seeded permutation.
-    perm = np.random.default_rng(3).permutation(len(pairs))
-    owner_of = {}
-    for p in perm:
-        owner_of[pairs[p, 1]] = p
-    assert (fast == slow_mine(q, d, pairs, 4, 10, owner_of)).all()
+    pairs = np.unique(rng.integers(0, n_items, size=(n_pairs, 2)), axis=0)
+    return q, d, pairs[pairs[:, 0] != pairs[:, 1]]
+
+
+def test_clusters_match_a_slow_reference():
+    q, d, pairs = random_pairs(0, 60, 150)
+    near = nearest_positives(q, d, pairs, pool=10, chunk=7)
+    fast = hard_clusters(q, near, pairs, k=3, seed=3)
+    assert [c.tolist() for c in fast] == slow_clusters(q, near, pairs, 3, 3)
+    assert sorted(np.concatenate(fast).tolist()) == list(range(len(pairs)))  # every pair exactly once
     known = {tuple(p) for p in pairs.tolist()}
-    for a, row in enumerate(fast):
-        for o in row[row >= 0]:  # a mined negative is never a known positive of the anchor's query, nor that item
-            assert (pairs[a, 0], pairs[o, 1]) not in known and pairs[o, 1] != pairs[a, 0]
+    for a, *owners in fast:
+        assert len({pairs[o, 1] for o in owners}) == len(owners)  # every owner brings a different document
+        for o in owners:  # a mined negative is never a known positive of the anchor's query, nor that item
+            assert (pairs[a, 0], pairs[o, 1]) not in known and pairs[o, 1] != pairs[a, 0] and pairs[o, 1] in near[a]
+    positives = np.unique(pairs[:, 1])  # nearest_positives against sorting
+    for a in range(len(pairs)):
+        order = positives[np.argsort(-(d[positives] @ q[pairs[a, 0]]), kind="stable")[:12]]
+        assert near[a].tolist() == order.tolist()
 
 
-def test_mining_never_offers_the_query_item_itself():
+def test_clusters_stay_full_when_everyone_mines_the_same_owners():
+    """Popular documents sit in every anchor's pool and a few odd queries are least like all anchors: clusters must
+    fall back to other free owners instead of shrinking to lone anchors."""
+    q, d, pairs = random_pairs(1, 400, 4000)
+    d[:] = d[0]  # every document alike: every anchor's pool is the same 40 items, about 400 owner pairs
+    near = nearest_positives(q, d, pairs, pool=40)
+    sizes = np.array([len(c) for c in hard_clusters(q, near, pairs, k=7, seed=0)])
+    assert (sizes[:40] == 8).all()  # 280 owners taken before any cluster comes up short
+
+
+def test_clusters_never_offer_the_query_item_itself():
     """With queries and documents embedded alike, an anchor's own query item is its nearest document (cosine 1)."""
     rng = np.random.default_rng(4)
     v = unit(rng.normal(size=(40, 6)))
     pairs = np.array([[i, (i + 1) % 40] for i in range(40)] + [[i, (i + 7) % 40] for i in range(0, 40, 3)])
-    hard = mine_hard_owners(v, v, pairs, k=5, pool=12, seed=0)
-    for a, row in enumerate(hard):
-        assert pairs[a, 0] not in pairs[row[row >= 0], 1]
+    for a, *owners in hard_clusters(v, nearest_positives(v, v, pairs, pool=12), pairs, k=5, seed=0):
+        assert pairs[a, 0] not in pairs[owners, 1]
 
 
-def test_mining_keeps_the_owners_least_similar_to_the_anchor():
+def test_clusters_keep_the_owners_least_similar_to_the_anchor():
     """Positives 10..13 are all near the anchor's query; their owners' queries get less and less similar to it."""
     q = unit(np.array([[1, 0, 0], [1, 0.1, 0], [1, 1, 0], [0, 1, 0], [-0.3, 0, 1]], dtype=np.float32))
     d = unit(np.zeros((14, 3)) + [1, 0, 0] + np.linspace(0, 0.1, 14)[:, None] * [0, 0, 1])
     pairs = np.array([[0, 9], [1, 10], [2, 11], [3, 12], [4, 13]])
-    hard = mine_hard_owners(np.pad(q, ((0, 9), (0, 0))), d, pairs, k=2, pool=4, seed=0)
-    assert hard[0].tolist() == [4, 3]  # the two owners whose queries are least like query 0
+    q = np.pad(q, ((0, 9), (0, 0)))
+    near = nearest_positives(q, d, pairs, pool=4)
+    for seed in range(20):
+        clusters = hard_clusters(q, near, pairs, k=2, seed=seed)
+        if clusters[0][0] == 0:
+            assert clusters[0].tolist() == [0, 4, 3]  # the two owners whose queries are least like query 0
+            return
+    raise AssertionError("no seed put pair 0 first")
 
 
-def test_packing_keeps_clusters_together_and_uses_each_pair_once():
-    rng = np.random.default_rng(1)
-    hard = rng.integers(-1, 100, size=(100, 3))
-    batches = pack_batches(hard, 100, 8, seed=0)
-    flat = np.concatenate(batches)
-    assert sorted(flat.tolist()) == list(range(100)) and all(len(b) <= 8 for b in batches)
-    used, where = set(), {int(x): i for i, b in enumerate(batches) for x in b}
-    order = np.random.default_rng(0).permutation(100)
-    for a in order:  # every anchor's unused hard owners sit in its batch
-        if a in used:
-            continue
-        cluster = [a] + [o for o in hard[a] if o >= 0 and o not in used]
-        used.update(cluster)
-        assert {where[c] for c in cluster} == {where[a]}
-    plain = pack_batches(None, 100, 8, seed=0)
-    assert sorted(np.concatenate(plain).tolist()) == list(range(100))
+def test_hard_negatives_per_row_match_a_slow_count():
+    q, d, pairs = random_pairs(5, 50, 120)
+    near = nearest_positives(q, d, pairs, pool=8)
+    known = {tuple(p) for p in pairs.tolist()}
+    for batches in (random_batches(len(pairs), 16, 2), fill_batches(hard_clusters(q, near, pairs, 3, 1), 16)):
+        fast = hard_negatives_per_row(batches, near, pairs)
+        for b in batches:
+            for i in b:
+                slow = sum(1 for j in b if j != i and pairs[j, 1] in near[i] and pairs[j, 1] != pairs[i, 0]
+                           and (pairs[i, 0], pairs[j, 1]) not in known)
+                assert fast[i] == slow
+
+
+def test_saha_batches_hold_more_hard_negatives_than_random_ones():
+    q, d, pairs = random_pairs(6, 1000, 3000)
+    near = nearest_positives(q, d, pairs, pool=10)
+    saha = hard_negatives_per_row(fill_batches(hard_clusters(q, near, pairs, 3, 1), 32), near, pairs)
+    plain = hard_negatives_per_row(random_batches(len(pairs), 32, 2), near, pairs)
+    assert saha.mean() > 2 * plain.mean()
+
+
+def test_batches_keep_clusters_together_and_use_each_pair_once():
+    clusters = np.array_split(np.random.default_rng(1).permutation(100), 30)
+    batches = fill_batches(clusters, 8)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(100)) and all(len(b) <= 8 for b in batches)
+    where = {int(x): i for i, b in enumerate(batches) for x in b}
+    assert all(len({where[int(x)] for x in c}) == 1 for c in clusters)
+    assert len(batches) <= len(clusters) // 2 + 1  # clusters of 3-4 share batches of 8
+    plain = random_batches(100, 8, seed=0)
+    assert sorted(np.concatenate(plain).tolist()) == list(range(100)) and all(len(b) <= 8 for b in plain)
 
 
 def test_infonce_masks_known_false_negatives():

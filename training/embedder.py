@@ -84,57 +84,89 @@ def pair_keys(queries, positives, n_items: int) -> np.ndarray:
     return np.asarray(queries, dtype=np.int64) * n_items + np.asarray(positives, dtype=np.int64)
 
 
-def mine_hard_owners(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.ndarray, k: int, pool: int,
-                     seed: int, chunk: int = 1024) -> np.ndarray:
-    """(P, k) pair indices: for each anchor pair, k pairs whose positives are among the `pool` documents nearest the
-    anchor's query, chosen as the ones whose queries are least similar to the anchor's (-1 where fewer exist).
-    Dropped before that: candidates the anchor's query item is known to lead to (its own positive among them), the
-    anchor's query item itself, and candidates whose owner shares the anchor's query item."""
-    rng = np.random.default_rng(seed)
-    n_items = len(query_vecs)
-    known = np.sort(pair_keys(pairs[:, 0], pairs[:, 1], n_items))
+def is_known(keys: np.ndarray, known: np.ndarray) -> np.ndarray:
+    """keys in the sorted array `known` (np.isin would sort `known` again on every call)."""
+    at = np.searchsorted(known, keys).clip(max=len(known) - 1)
+    return known[at] == keys
+
+
+def nearest_positives(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.ndarray, pool: int,
+                      chunk: int = 1024) -> np.ndarray:
+    """(P, pool + 2) catalog rows: the positive items nearest each pair's query, nearest first (-1 past the end).
+    The 2 extra leave room for the pair's own positive and query item, which mining drops."""
     positives = np.unique(pairs[:, 1])
-    # One owner per positive item, drawn at random each epoch (an item is the positive of many pairs).
-    perm = rng.permutation(len(pairs))
-    owner_of = np.full(int(pairs[:, 1].max()) + 1, -1, dtype=np.int64)
-    owner_of[pairs[perm, 1]] = perm
     index = faiss.IndexFlatIP(doc_vecs.shape[1])
     index.add(np.ascontiguousarray(doc_vecs[positives]))
-    out = np.full((len(pairs), k), -1, dtype=np.int64)
+    near = np.full((len(pairs), pool + 2), -1, dtype=np.int64)
+    width = min(pool + 2, len(positives))
     for s in range(0, len(pairs), chunk):
-        a = np.arange(s, min(s + chunk, len(pairs)))
-        anchor_q = np.ascontiguousarray(query_vecs[pairs[a, 0]])
-        _, found = index.search(anchor_q, min(pool + 2, len(positives)))  # +2: its own positive and query item
-        cand_items = positives[found.clip(0)]
-        owners = owner_of[cand_items]  # (A, pool+2)
-        bad = (found < 0) | (cand_items == pairs[a, 0:1]) | (pairs[owners, 0] == pairs[a, 0:1]) | \
-            np.isin(pair_keys(pairs[a, 0:1], cand_items, n_items), known)
-        sim = np.einsum("ad,apd->ap", anchor_q, query_vecs[pairs[owners, 0]])
-        sim[bad] = np.inf
-        keep = np.argsort(sim, 1, kind="stable")[:, :k]
-        chosen = np.take_along_axis(owners, keep, 1)
-        out[a] = np.where(np.isfinite(np.take_along_axis(sim, keep, 1)), chosen, -1)
-    return out
+        _, found = index.search(np.ascontiguousarray(query_vecs[pairs[s: s + chunk, 0]]), width)
+        near[s: s + chunk, :width] = np.where(found >= 0, positives[found.clip(0)], -1)
+    return near
 
 
-def pack_batches(hard: np.ndarray | None, n_pairs: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    """Each pair once per epoch. With `hard` (SaHa): anchors in random order, each pulling its not-yet-used hard
-    owners into its cluster, clusters never split across batches. Without: random batches."""
-    rng = np.random.default_rng(seed)
-    order = rng.permutation(n_pairs)
-    if hard is None:
-        return [order[i: i + batch_size] for i in range(0, n_pairs, batch_size)]
-    used = np.zeros(n_pairs, dtype=bool)
-    batches, current = [], []
-    for a in order:
+def hard_clusters(query_vecs: np.ndarray, near: np.ndarray, pairs: np.ndarray, k: int, seed: int) -> list[np.ndarray]:
+    """SaHa clusters covering every pair once: anchors in random order; each takes, among the pairs not yet in a
+    cluster whose positives are its `near` documents (from nearest_positives), the k whose queries are least similar
+    to its own, one per document (an item is the positive of many pairs: its least similar free owner stands for
+    it). Taking owners as they are still free matters: the least similar owners are much the same for every anchor
+    (a few odd queries are far from all), and fixed lists would leave most anchors with none after the first few
+    thousand clusters. Never offered: candidates the anchor's query item is known to lead to (its own positive among
+    them), the anchor's query item itself, and owners that share the anchor's query item."""
+    n_items = len(query_vecs)
+    known = np.sort(pair_keys(pairs[:, 0], pairs[:, 1], n_items))
+    by_positive = np.argsort(pairs[:, 1], kind="stable")  # the owners of item c: by_positive[first[c]: first[c + 1]]
+    first = np.searchsorted(pairs[by_positive, 1], np.arange(n_items + 1))
+    used = np.zeros(len(pairs), dtype=bool)
+    clusters = []
+    for a in np.random.default_rng(seed).permutation(len(pairs)):
         if used[a]:
             continue
-        cluster = [a] + [o for o in hard[a] if o >= 0 and not used[o]]
+        qa = pairs[a, 0]
+        cand = near[a][(near[a] >= 0) & (near[a] != qa)]
+        cand = cand[~is_known(pair_keys(qa, cand, n_items), known)]
+        n = first[cand + 1] - first[cand]  # their owners, listed one candidate after another
+        owner = by_positive[np.repeat(first[cand], n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)]
+        item = np.repeat(cand, n)
+        free = ~used[owner] & (pairs[owner, 0] != qa)
+        owner, item = owner[free], item[free]
+        sim = (query_vecs @ query_vecs[qa])[pairs[owner, 0]]
+        o = np.lexsort((sim, item))  # per document, least similar owner first
+        head = o[np.r_[True, item[o][1:] != item[o][:-1]]] if len(o) else o
+        chosen = owner[head][np.lexsort((owner[head], sim[head]))[:k]]  # ties: lower pair index first
+        cluster = np.concatenate([[a], chosen]).astype(np.int64)
         used[cluster] = True
-        if len(current) + len(cluster) > batch_size:
+        clusters.append(cluster)
+    return clusters
+
+
+def hard_negatives_per_row(batches: list[np.ndarray], near: np.ndarray, pairs: np.ndarray) -> np.ndarray:
+    """(P,) for every pair, how many other positives in its batch are among its query's `near` documents and not
+    masked as known false negatives: the hard negatives the loss actually sees for that row."""
+    known = np.sort(pair_keys(pairs[:, 0], pairs[:, 1], int(pairs.max()) + 1))
+    count = np.zeros(len(pairs), dtype=np.int64)
+    for b in batches:
+        q, p = pairs[b, 0], pairs[b, 1]
+        hit = (near[b][:, :, None] == p[None, None, :]).any(1)  # (B, B): row i's near list holds positive j
+        masked = is_known(pair_keys(q[:, None], p[None, :], int(pairs.max()) + 1), known) | (p[None, :] == q[:, None])
+        count[b] = (hit & ~masked & ~np.eye(len(b), dtype=bool)).sum(1)
+    return count
+
+
+def random_batches(n_pairs: int, batch_size: int, seed: int) -> list[np.ndarray]:
+    """Plain in-batch negatives: each pair once per epoch, in random batches."""
+    order = np.random.default_rng(seed).permutation(n_pairs)
+    return [order[i: i + batch_size] for i in range(0, n_pairs, batch_size)]
+
+
+def fill_batches(clusters: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """Clusters in order into batches of at most batch_size, a cluster never split across two."""
+    batches, current = [], []
+    for cluster in clusters:
+        if current and len(current) + len(cluster) > batch_size:
             batches.append(np.array(current))
             current = []
-        current += cluster
+        current += cluster.tolist()
     if current:
         batches.append(np.array(current))
     return batches
@@ -155,7 +187,7 @@ class ContrastiveModel(torch.nn.Module):
         """(B, B) bool, off the diagonal: candidate j is row i's own query item, or an item row i's query item is
         known to lead to (which covers in-batch copies of row i's positive)."""
         q, p = pairs[:, 0].numpy(), pairs[:, 1].numpy()
-        known = np.isin(pair_keys(q[:, None], p[None, :], len(self.texts)), self.known) | (p[None, :] == q[:, None])
+        known = is_known(pair_keys(q[:, None], p[None, :], len(self.texts)), self.known) | (p[None, :] == q[:, None])
         return torch.as_tensor(known) & ~torch.eye(len(q), dtype=torch.bool)
 
     def embed(self, items: list[int], role: str) -> torch.Tensor:
@@ -206,7 +238,7 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
             f"run dir {run_dir}")
 
     if d.main and not resume:  # batches mined by an earlier run in this directory belong to its weights
-        for stale in run_dir.glob("batches-epoch*.npz"):
+        for stale in run_dir.glob("*-epoch*.npz"):
             stale.unlink()
     if d.world > 1:
         torch.distributed.barrier()  # no rank reads a stale cache before the main rank has removed it
@@ -214,20 +246,27 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     def batches(epoch: int) -> list[np.ndarray]:
         seed = cfg.seed * 1000 + epoch
         if not cfg.hard_negatives:
-            return pack_batches(None, len(pairs), cfg.batch_size, seed)
+            return random_batches(len(pairs), cfg.batch_size, seed)
         # Mined with the weights at the epoch's start and kept for --resume; keyed by what shapes the batches.
-        cache = run_dir / f"batches-epoch{epoch}-b{cfg.batch_size}-k{cfg.k}-p{cfg.pool}-s{cfg.seed}.npz"
+        cache = run_dir / f"clusters-epoch{epoch}-b{cfg.batch_size}-k{cfg.k}-p{cfg.pool}-s{cfg.seed}.npz"
         if d.main and not cache.exists():
             was_training = model.training
             model.eval()
             v = embedder.encode(texts, "document", truncate=True, progress=True)
             q = v if embedder.inputs.roles_alike else embedder.encode(texts, "query", truncate=True, progress=True)
             model.train(was_training)
-            hard = mine_hard_owners(q, v, pairs, cfg.k, cfg.pool, seed)
-            mined = pack_batches(hard, len(pairs), cfg.batch_size, seed)
+            near = nearest_positives(q, v, pairs, cfg.pool)
+            clusters = hard_clusters(q, near, pairs, cfg.k, seed)
+            # Late anchors find their pools taken: shuffled, their short clusters fill the gaps between full ones
+            # instead of making the end of the epoch plain in-batch.
+            shuffled = [clusters[i] for i in np.random.default_rng(seed + 1).permutation(len(clusters))]
+            mined = fill_batches(shuffled, cfg.batch_size)
             full = np.mean([len(b) == cfg.batch_size for b in mined])
-            log(f"embedder: epoch {epoch} mined: {(hard >= 0).sum(1).mean():.1f} hard pairs per anchor, "
-                f"{len(mined)} batches ({full:.0%} full)")
+            per_row = hard_negatives_per_row(mined, near, pairs)
+            log(f"embedder: epoch {epoch} mined: {len(clusters)} clusters, {np.mean([len(c) - 1 for c in clusters]):.1f} "
+                f"hard pairs per anchor, "
+                f"{len(mined)} batches ({full:.0%} full); a row sees {per_row.mean():.2f} hard negatives on average, "
+                f"{(per_row > 0).mean():.0%} of rows at least one")
             with atomic_file(cache, "wb") as f:
                 np.savez(f, flat=np.concatenate(mined), bounds=np.cumsum([len(b) for b in mined])[:-1])
         if d.world > 1:
