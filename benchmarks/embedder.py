@@ -7,7 +7,9 @@ Every fine-tuning run takes the same number of optimiser steps (same pairs seen;
 does not depend on what else the machine runs) and reports its training time (SaHa's mining included); each is
 evaluated on the
 test pairs (the held-out last transition of every user) over the whole catalog. The tuned backbones stay in
-runs/embedder-bench-DATASET/VARIANT/model for `genrec build --backbone`. Prints a table and writes JSON.
+runs/embedder-bench-DATASET/VARIANT/model for `genrec build --backbone`, each variant's test ranks beside it; where
+a SaHa run and its in-batch twin (same steps, same prompt) are both in the JSON, the Recall@10 gap between them comes
+with a paired bootstrap interval. Prints a table and writes JSON.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import torch
 from genrec.atomic import write_json
 from genrec.config import EmbedderConfig, load_preset
 from genrec.data import load_dataset
-from training.embedder import eval_embedder, load_embedder_config, train_embedder
+from training.embedder import evaluate_retrieval, heldout_pairs, load_embedder_config, train_embedder
+from training.loop import metrics_from_ranks
 
-quiet = lambda *a, **k: None  # noqa: E731
 
 
 def throughput(embedder, texts: list[str], batch: int, seconds: float = 10.0) -> float:
@@ -38,6 +40,14 @@ def throughput(embedder, texts: list[str], batch: int, seconds: float = 10.0) ->
         embedder.encode(chunk, truncate=True)
         done += len(chunk)
     return done / (time.perf_counter() - t0)
+
+
+def paired_recall_gap(a: np.ndarray, b: np.ndarray, k: int = 10, draws: int = 2000, seed: int = 0):
+    """Recall@k of a minus that of b on the same test pairs, with a 95% paired bootstrap interval."""
+    hits = (a < k).astype(np.float64) - (b < k).astype(np.float64)
+    idx = np.random.default_rng(seed).integers(0, len(hits), size=(draws, len(hits)))
+    lo, hi = np.percentile(hits[idx].mean(1), [2.5, 97.5])
+    return float(hits.mean()), float(lo), float(hi)
 
 
 def onnx_report(texts: list[str], out_dir: Path) -> dict:
@@ -73,6 +83,8 @@ def main():
     ap.add_argument("--pool", type=int, default=None, help="SaHa candidate pool (default: the preset's)")
     ap.add_argument("--resume", action="store_true", help="continue each variant's run in its run directory (e.g. "
                     "to more --steps) instead of starting afresh")
+    ap.add_argument("--eval-only", action="store_true", help="no training: evaluate the backbones an earlier run "
+                    "left in each variant's model directory")
     ap.add_argument("--skip-onnx", action="store_true", help="leave out the ONNX comparison")
     ap.add_argument("--out", help="results JSON (default results/embedder-DATASET.json)")
     args = ap.parse_args()
@@ -85,33 +97,44 @@ def main():
     batch_size = args.batch_size or preset.embedder_train.batch_size
     variants = args.variants or [f"{m}{p}" for p in ("", " +prompt") for m in ("saha", "in-batch", "zero-shot")]
     variants = [] if variants == ["none"] else variants
-    report = {"dataset": name, "steps": args.steps, "batch_size": batch_size, "minutes": args.minutes, "threads": torch.get_num_threads(),
-              "rows": []}
+    report = {"dataset": name, "steps": args.steps, "batch_size": batch_size, "minutes": args.minutes,
+              "threads": torch.get_num_threads(), "rows": []}
     if out.exists():  # a re-run adds to or replaces rows, so variants can run in separate processes
         report["rows"] = [r for r in json.loads(out.read_text())["rows"] if r["variant"] not in variants]
 
+    test_pairs = heldout_pairs(ds, "test")
     for variant in variants:
         method, prompt = variant.replace(" +prompt", ""), variant.endswith("+prompt")
         emb = preset.embedder.model_copy(update={"prompt": prompt, "max_length": 96 if prompt else 64})
         row = {"variant": variant, "method": method, "prompt": prompt}
+        base = preset.embedder_train
+        cfg = type(base).model_validate({**base.model_dump(), "hard_negatives": method == "saha",
+                                         "max_minutes": args.minutes, "batch_size": batch_size,
+                                         "k": args.k or base.k, "pool": args.pool or base.pool})
+        recipe = f"-k{cfg.k}-p{cfg.pool}" if method == "saha" and (args.k or args.pool) else ""
+        variant_dir = runs / (variant.replace(" +", "-") + recipe)
         if method != "zero-shot":
-            base = preset.embedder_train
-            cfg = type(base).model_validate({**base.model_dump(), "hard_negatives": method == "saha",
-                                             "max_minutes": args.minutes, "batch_size": batch_size,
-                                             "k": args.k or base.k, "pool": args.pool or base.pool})
-            recipe = f"-k{cfg.k}-p{cfg.pool}" if method == "saha" and (args.k or args.pool) else ""
-            model_dir = runs / (variant.replace(" +", "-") + recipe) / "model"
+            model_dir = variant_dir / "model"
             if method == "saha":
                 row.update(k=cfg.k, pool=cfg.pool)
-            summary = train_embedder(args.data, model_dir, emb, cfg, run_dir=model_dir.parent / "run",
-                                     max_steps=args.steps, resume=args.resume)
+            if args.eval_only:
+                summary = json.loads((model_dir / "training.json").read_text())
+            else:
+                summary = train_embedder(args.data, model_dir, emb, cfg, run_dir=variant_dir / "run",
+                                         max_steps=args.steps, resume=args.resume)
             emb = load_embedder_config(model_dir.resolve(), emb)
             row.update(train_minutes=round(summary["train_seconds"] / 60, 1), steps=summary["steps"],
                        pairs_seen=summary["steps"] * cfg.batch_size, train_pairs=summary["pairs"],
                        valid=summary["valid"], backbone=str(model_dir))
         t0 = time.time()
-        row.update({k: v for k, v in eval_embedder(args.data, emb, "test", log=quiet).items()
-                    if "@" in k or k == "pairs"}, eval_seconds=round(time.time() - t0, 1))
+        from models.embedder import Embedder
+
+        ranks = evaluate_retrieval(Embedder(emb), texts, test_pairs)
+        ranks_file = variant_dir / "test-ranks.npy"
+        variant_dir.mkdir(parents=True, exist_ok=True)
+        np.save(ranks_file, ranks)
+        row.update(metrics_from_ranks(ranks), pairs=len(ranks), ranks=str(ranks_file),
+                   eval_seconds=round(time.time() - t0, 1))
         report["rows"].append(row)
         print(f"{variant}: {row}", flush=True)
         write_json(out, report)
@@ -126,6 +149,16 @@ def main():
     for r in sorted(report["rows"], key=lambda r: (r["prompt"], r["method"])):
         print(f"{r['variant']:<22}{r['recall@5']:>8.4f}{r['ndcg@5']:>8.4f}{r['recall@10']:>8.4f}"
               f"{r['ndcg@10']:>8.4f}{r.get('train_minutes', 0):>9}{r.get('steps', 0):>7}")
+    # SaHa against in-batch on the same test pairs, where both runs left their ranks
+    for r in report["rows"]:
+        twin = next((t for t in report["rows"] if t["method"] == "in-batch" and t["prompt"] == r["prompt"]
+                     and t.get("steps") == r.get("steps")), None)
+        ranked = twin and Path(r.get("ranks", "")).exists() and Path(twin.get("ranks", "")).exists()
+        if r["method"] == "saha" and ranked:
+            gap, lo, hi = paired_recall_gap(np.load(r["ranks"]), np.load(twin["ranks"]))
+            r["recall@10_minus_in_batch"] = {"gap": gap, "ci95": [lo, hi]}
+            print(f"{r['variant']} minus {twin['variant']}, Recall@10: {gap:+.4f} (95% paired bootstrap {lo:+.4f} .. "
+                  f"{hi:+.4f})")
     if "onnx" in report:
         o = report["onnx"]
         print(f"\nONNX vs torch (MiniLM, {o['texts']} catalog texts): cosine min {o['cosine_min']:.6f}; embeddings/s "

@@ -144,7 +144,10 @@ def test_batches_keep_clusters_together_and_use_each_pair_once():
     assert sorted(np.concatenate(batches).tolist()) == list(range(100)) and all(len(b) <= 8 for b in batches)
     where = {int(x): i for i, b in enumerate(batches) for x in b}
     assert all(len({where[int(x)] for x in c}) == 1 for c in clusters)
-    assert len(batches) <= len(clusters) // 2 + 1  # clusters of 3-4 share batches of 8
+    assert len(batches) <= 15  # clusters of 3 and 4 in batches of 8: at most 2 places of 8 empty
+    sevens, singles = [np.arange(i * 7, i * 7 + 7) for i in range(8)], [np.array([56 + i]) for i in range(8)]
+    big_then_small = fill_batches(sevens + singles, 8)
+    assert [len(b) for b in big_then_small] == [8] * 8  # a later single fills the gap an earlier cluster left
     plain = random_batches(100, 8, seed=0)
     assert sorted(np.concatenate(plain).tolist()) == list(range(100)) and all(len(b) <= 8 for b in plain)
 

@@ -159,17 +159,21 @@ def random_batches(n_pairs: int, batch_size: int, seed: int) -> list[np.ndarray]
     return [order[i: i + batch_size] for i in range(0, n_pairs, batch_size)]
 
 
-def fill_batches(clusters: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
-    """Clusters in order into batches of at most batch_size, a cluster never split across two."""
-    batches, current = [], []
+def fill_batches(clusters: list[np.ndarray], batch_size: int, window: int = 8) -> list[np.ndarray]:
+    """Clusters into batches of at most batch_size, a cluster never split across two: each goes into the first of the
+    last `window` open batches it fits in (first fit), so short clusters fill the gaps the long ones leave."""
+    done, open_batches = [], []
     for cluster in clusters:
-        if current and len(current) + len(cluster) > batch_size:
-            batches.append(np.array(current))
-            current = []
-        current += cluster.tolist()
-    if current:
-        batches.append(np.array(current))
-    return batches
+        home = next((b for b in open_batches if len(b) + len(cluster) <= batch_size), None)
+        if home is None:
+            home = []
+            open_batches.append(home)
+        home += cluster.tolist()
+        done += [b for b in open_batches if len(b) == batch_size]
+        open_batches = [b for b in open_batches if len(b) < batch_size]
+        if len(open_batches) > window:
+            done.append(open_batches.pop(0))
+    return [np.array(b) for b in done + open_batches]
 
 
 class ContrastiveModel(torch.nn.Module):
@@ -194,9 +198,9 @@ class ContrastiveModel(torch.nn.Module):
         """(B, D) for these catalog rows, run bucket_rows at a time in length order (a text's embedding does not
         depend on its batch mates, so this only saves the padding), returned in the given order."""
         order = np.argsort([len(self.texts[i]) for i in items], kind="stable")
-        parts = [self.embedder(self.embedder.inputs.batch([self.texts[items[i]] for i in order[s: s + self.bucket_rows]],
-                                                         role, truncate=True))
-                 for s in range(0, len(items), self.bucket_rows)]
+        prep, step = self.embedder.inputs, self.bucket_rows
+        parts = [self.embedder(prep.batch([self.texts[items[i]] for i in order[s: s + step]], role, truncate=True))
+                 for s in range(0, len(items), step)]
         return torch.cat(parts)[torch.as_tensor(np.argsort(order, kind="stable"), device=parts[0].device)]
 
     def forward(self, pairs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -263,8 +267,8 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
             mined = fill_batches(shuffled, cfg.batch_size)
             full = np.mean([len(b) == cfg.batch_size for b in mined])
             per_row = hard_negatives_per_row(mined, near, pairs)
-            log(f"embedder: epoch {epoch} mined: {len(clusters)} clusters, {np.mean([len(c) - 1 for c in clusters]):.1f} "
-                f"hard pairs per anchor, "
+            owners = np.mean([len(c) - 1 for c in clusters])
+            log(f"embedder: epoch {epoch} mined: {len(clusters)} clusters, {owners:.1f} hard pairs per anchor, "
                 f"{len(mined)} batches ({full:.0%} full); a row sees {per_row.mean():.2f} hard negatives on average, "
                 f"{(per_row > 0).mean():.0%} of rows at least one")
             with atomic_file(cache, "wb") as f:
