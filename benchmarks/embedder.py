@@ -29,7 +29,6 @@ from training.embedder import evaluate_retrieval, heldout_pairs, load_embedder_c
 from training.loop import metrics_from_ranks
 
 
-
 def throughput(embedder, texts: list[str], batch: int, seconds: float = 10.0) -> float:
     """Embeddings per second at a fixed batch size (warm, median-free: total inputs over total time)."""
     embedder.cfg = embedder.cfg.model_copy(update={"batch_size": batch})
@@ -45,8 +44,10 @@ def throughput(embedder, texts: list[str], batch: int, seconds: float = 10.0) ->
 def paired_recall_gap(a: np.ndarray, b: np.ndarray, k: int = 10, draws: int = 2000, seed: int = 0):
     """Recall@k of a minus that of b on the same test pairs, with a 95% paired bootstrap interval."""
     hits = (a < k).astype(np.float64) - (b < k).astype(np.float64)
-    idx = np.random.default_rng(seed).integers(0, len(hits), size=(draws, len(hits)))
-    lo, hi = np.percentile(hits[idx].mean(1), [2.5, 97.5])
+    rng = np.random.default_rng(seed)
+    means = np.concatenate([hits[rng.integers(0, len(hits), size=(100, len(hits)))].mean(1)
+                            for _ in range(0, draws, 100)])  # 100 draws at a time: a (draws, pairs) index is ~0.7 GB
+    lo, hi = np.percentile(means, [2.5, 97.5])
     return float(hits.mean()), float(lo), float(hi)
 
 
@@ -99,20 +100,23 @@ def main():
     variants = [] if variants == ["none"] else variants
     report = {"dataset": name, "steps": args.steps, "batch_size": batch_size, "minutes": args.minutes,
               "threads": torch.get_num_threads(), "rows": []}
+    base = preset.embedder_train
+    k, pool = args.k or base.k, args.pool or base.pool
+    recipe = {v: f"-k{k}-p{pool}" if v.startswith("saha") and (args.k or args.pool) else "" for v in variants}
+    label = {v: v + (f" (k {k}, pool {pool})" if recipe[v] else "") for v in variants}  # rows are keyed by label
     if out.exists():  # a re-run adds to or replaces rows, so variants can run in separate processes
-        report["rows"] = [r for r in json.loads(out.read_text())["rows"] if r["variant"] not in variants]
+        report["rows"] = [r for r in json.loads(out.read_text())["rows"] if r["variant"] not in label.values()]
+
+    from models.embedder import Embedder
 
     test_pairs = heldout_pairs(ds, "test")
     for variant in variants:
         method, prompt = variant.replace(" +prompt", ""), variant.endswith("+prompt")
         emb = preset.embedder.model_copy(update={"prompt": prompt, "max_length": 96 if prompt else 64})
-        row = {"variant": variant, "method": method, "prompt": prompt}
-        base = preset.embedder_train
+        row = {"variant": label[variant], "method": method, "prompt": prompt}
         cfg = type(base).model_validate({**base.model_dump(), "hard_negatives": method == "saha",
-                                         "max_minutes": args.minutes, "batch_size": batch_size,
-                                         "k": args.k or base.k, "pool": args.pool or base.pool})
-        recipe = f"-k{cfg.k}-p{cfg.pool}" if method == "saha" and (args.k or args.pool) else ""
-        variant_dir = runs / (variant.replace(" +", "-") + recipe)
+                                         "max_minutes": args.minutes, "batch_size": batch_size, "k": k, "pool": pool})
+        variant_dir = runs / (variant.replace(" +", "-") + recipe[variant])
         if method != "zero-shot":
             model_dir = variant_dir / "model"
             if method == "saha":
@@ -127,8 +131,6 @@ def main():
                        pairs_seen=summary["steps"] * cfg.batch_size, train_pairs=summary["pairs"],
                        valid=summary["valid"], backbone=str(model_dir))
         t0 = time.time()
-        from models.embedder import Embedder
-
         ranks = evaluate_retrieval(Embedder(emb), texts, test_pairs)
         ranks_file = variant_dir / "test-ranks.npy"
         variant_dir.mkdir(parents=True, exist_ok=True)
@@ -145,9 +147,9 @@ def main():
 
     print(f"\n{name}, item-to-next-item retrieval, test pairs, whole catalog ({len(texts)} items); "
           f"{args.steps} steps of {batch_size} pairs per fine-tuning run, {report['threads']} threads")
-    print(f"{'variant':<22}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}{'minutes':>9}{'steps':>7}")
+    print(f"{'variant':<30}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}{'minutes':>9}{'steps':>7}")
     for r in sorted(report["rows"], key=lambda r: (r["prompt"], r["method"])):
-        print(f"{r['variant']:<22}{r['recall@5']:>8.4f}{r['ndcg@5']:>8.4f}{r['recall@10']:>8.4f}"
+        print(f"{r['variant']:<30}{r['recall@5']:>8.4f}{r['ndcg@5']:>8.4f}{r['recall@10']:>8.4f}"
               f"{r['ndcg@10']:>8.4f}{r.get('train_minutes', 0):>9}{r.get('steps', 0):>7}")
     # SaHa against in-batch on the same test pairs, where both runs left their ranks
     for r in report["rows"]:

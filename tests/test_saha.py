@@ -87,7 +87,7 @@ def test_clusters_stay_full_when_everyone_mines_the_same_owners():
     """Popular documents sit in every anchor's pool and a few odd queries are least like all anchors: clusters must
     fall back to other free owners instead of shrinking to lone anchors."""
     q, d, pairs = random_pairs(1, 400, 4000)
-    d[:] = d[0]  # every document alike: every anchor's pool is the same 40 items, about 400 owner pairs
+    d[:] = d[0]  # every document alike: every anchor's pool is the same 42 items (pool + 2), ~400 owner pairs
     near = nearest_positives(q, d, pairs, pool=40)
     sizes = np.array([len(c) for c in hard_clusters(q, near, pairs, k=7, seed=0)])
     assert (sizes[:40] == 8).all()  # 280 owners taken before any cluster comes up short
@@ -144,7 +144,7 @@ def test_batches_keep_clusters_together_and_use_each_pair_once():
     assert sorted(np.concatenate(batches).tolist()) == list(range(100)) and all(len(b) <= 8 for b in batches)
     where = {int(x): i for i, b in enumerate(batches) for x in b}
     assert all(len({where[int(x)] for x in c}) == 1 for c in clusters)
-    assert len(batches) <= 15  # clusters of 3 and 4 in batches of 8: at most 2 places of 8 empty
+    assert len(batches) <= 15  # clusters of 3 and 4 in batches of 8: at most 2 places empty per batch
     sevens, singles = [np.arange(i * 7, i * 7 + 7) for i in range(8)], [np.array([56 + i]) for i in range(8)]
     big_then_small = fill_batches(sevens + singles, 8)
     assert [len(b) for b in big_then_small] == [8] * 8  # a later single fills the gap an earlier cluster left

@@ -86,6 +86,8 @@ def pair_keys(queries, positives, n_items: int) -> np.ndarray:
 
 def is_known(keys: np.ndarray, known: np.ndarray) -> np.ndarray:
     """keys in the sorted array `known` (np.isin would sort `known` again on every call)."""
+    if len(known) == 0:
+        return np.zeros(np.shape(keys), dtype=bool)
     at = np.searchsorted(known, keys).clip(max=len(known) - 1)
     return known[at] == keys
 
@@ -143,12 +145,13 @@ def hard_clusters(query_vecs: np.ndarray, near: np.ndarray, pairs: np.ndarray, k
 def hard_negatives_per_row(batches: list[np.ndarray], near: np.ndarray, pairs: np.ndarray) -> np.ndarray:
     """(P,) for every pair, how many other positives in its batch are among its query's `near` documents and not
     masked as known false negatives: the hard negatives the loss actually sees for that row."""
-    known = np.sort(pair_keys(pairs[:, 0], pairs[:, 1], int(pairs.max()) + 1))
+    n_items = int(pairs.max()) + 1
+    known = np.sort(pair_keys(pairs[:, 0], pairs[:, 1], n_items))
     count = np.zeros(len(pairs), dtype=np.int64)
     for b in batches:
         q, p = pairs[b, 0], pairs[b, 1]
         hit = (near[b][:, :, None] == p[None, None, :]).any(1)  # (B, B): row i's near list holds positive j
-        masked = is_known(pair_keys(q[:, None], p[None, :], int(pairs.max()) + 1), known) | (p[None, :] == q[:, None])
+        masked = is_known(pair_keys(q[:, None], p[None, :], n_items), known) | (p[None, :] == q[:, None])
         count[b] = (hit & ~masked & ~np.eye(len(b), dtype=bool)).sum(1)
     return count
 
@@ -164,6 +167,8 @@ def fill_batches(clusters: list[np.ndarray], batch_size: int, window: int = 8) -
     last `window` open batches it fits in (first fit), so short clusters fill the gaps the long ones leave."""
     done, open_batches = [], []
     for cluster in clusters:
+        if len(cluster) > batch_size:
+            raise ValueError(f"a cluster of {len(cluster)} pairs does not fit a batch of {batch_size}")
         home = next((b for b in open_batches if len(b) + len(cluster) <= batch_size), None)
         if home is None:
             home = []
