@@ -84,12 +84,24 @@ def pair_keys(queries, positives, n_items: int) -> np.ndarray:
     return np.asarray(queries, dtype=np.int64) * n_items + np.asarray(positives, dtype=np.int64)
 
 
+def known_keys(pairs: np.ndarray, n_items: int) -> np.ndarray:
+    """The sorted pair_keys of `pairs`, for is_known."""
+    return np.sort(pair_keys(pairs[:, 0], pairs[:, 1], n_items))
+
+
 def is_known(keys: np.ndarray, known: np.ndarray) -> np.ndarray:
     """keys in the sorted array `known` (np.isin would sort `known` again on every call)."""
     if len(known) == 0:
         return np.zeros(np.shape(keys), dtype=bool)
     at = np.searchsorted(known, keys).clip(max=len(known) - 1)
     return known[at] == keys
+
+
+def known_false_negatives(queries: np.ndarray, candidates: np.ndarray, known: np.ndarray, n_items: int) -> np.ndarray:
+    """(Q, C) bool: candidate c is query q's own item, or an item q is known to lead to (`known`: sorted pair_keys
+    of the training pairs). The one rule for what is never a negative: in the loss, in mining and in the counts."""
+    q, c = np.asarray(queries)[:, None], np.asarray(candidates)[None, :]
+    return is_known(pair_keys(q, c, n_items), known) | (c == q)
 
 
 def nearest_positives(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.ndarray, pool: int,
@@ -116,7 +128,7 @@ def hard_clusters(query_vecs: np.ndarray, near: np.ndarray, pairs: np.ndarray, k
     thousand clusters. Never offered: candidates the anchor's query item is known to lead to (its own positive among
     them), the anchor's query item itself, and owners that share the anchor's query item."""
     n_items = len(query_vecs)
-    known = np.sort(pair_keys(pairs[:, 0], pairs[:, 1], n_items))
+    known = known_keys(pairs, n_items)
     by_positive = np.argsort(pairs[:, 1], kind="stable")  # the owners of item c: by_positive[first[c]: first[c + 1]]
     first = np.searchsorted(pairs[by_positive, 1], np.arange(n_items + 1))
     used = np.zeros(len(pairs), dtype=bool)
@@ -125,8 +137,8 @@ def hard_clusters(query_vecs: np.ndarray, near: np.ndarray, pairs: np.ndarray, k
         if used[a]:
             continue
         qa = pairs[a, 0]
-        cand = near[a][(near[a] >= 0) & (near[a] != qa)]
-        cand = cand[~is_known(pair_keys(qa, cand, n_items), known)]
+        cand = near[a][near[a] >= 0]
+        cand = cand[~known_false_negatives(pairs[a: a + 1, 0], cand, known, n_items)[0]]
         n = first[cand + 1] - first[cand]  # their owners, listed one candidate after another
         owner = by_positive[np.repeat(first[cand], n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)]
         item = np.repeat(cand, n)
@@ -146,12 +158,12 @@ def hard_negatives_per_row(batches: list[np.ndarray], near: np.ndarray, pairs: n
     """(P,) for every pair, how many other positives in its batch are among its query's `near` documents and not
     masked as known false negatives: the hard negatives the loss actually sees for that row."""
     n_items = int(pairs.max()) + 1
-    known = np.sort(pair_keys(pairs[:, 0], pairs[:, 1], n_items))
+    known = known_keys(pairs, n_items)
     count = np.zeros(len(pairs), dtype=np.int64)
     for b in batches:
         q, p = pairs[b, 0], pairs[b, 1]
         hit = (near[b][:, :, None] == p[None, None, :]).any(1)  # (B, B): row i's near list holds positive j
-        masked = is_known(pair_keys(q[:, None], p[None, :], n_items), known) | (p[None, :] == q[:, None])
+        masked = known_false_negatives(q, p, known, n_items)
         count[b] = (hit & ~masked & ~np.eye(len(b), dtype=bool)).sum(1)
     return count
 
@@ -190,13 +202,13 @@ class ContrastiveModel(torch.nn.Module):
                  bucket_rows: int = 16):
         super().__init__()
         self.embedder, self.texts, self.temperature, self.bucket_rows = embedder, texts, temperature, bucket_rows
-        self.known = np.sort(pair_keys(known_pairs[:, 0], known_pairs[:, 1], len(texts)))
+        self.known = known_keys(known_pairs, len(texts))
 
     def false_negatives(self, pairs: torch.Tensor) -> torch.Tensor:
         """(B, B) bool, off the diagonal: candidate j is row i's own query item, or an item row i's query item is
         known to lead to (which covers in-batch copies of row i's positive)."""
         q, p = pairs[:, 0].numpy(), pairs[:, 1].numpy()
-        known = is_known(pair_keys(q[:, None], p[None, :], len(self.texts)), self.known) | (p[None, :] == q[:, None])
+        known = known_false_negatives(q, p, self.known, len(self.texts))
         return torch.as_tensor(known) & ~torch.eye(len(q), dtype=torch.bool)
 
     def embed(self, items: list[int], role: str) -> torch.Tensor:
