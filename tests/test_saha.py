@@ -181,7 +181,7 @@ def test_infonce_masks_known_false_negatives():
         keep = [j for j in range(len(q)) if j == i or ((q[i], p[j]) not in pairs and p[j] != q[i])]
         expected.append(-(logits[i, i] - torch.logsumexp(logits[i, keep], 0)))
     assert torch.allclose(loss, torch.stack(expected).mean())
-    masked = model.false_negatives(batch)
+    masked = model.false_negatives(batch, batch)
     assert masked[0, 2] and masked[2, 0]  # in-batch copies of the positive 3
     assert masked[0, 3] and masked[5, 4] and masked[1, 5]  # a candidate that is the row's own query item
     assert masked[0, 4]  # item 0 is known to lead to 6, row 4's positive
@@ -241,18 +241,33 @@ def test_training_writes_a_tuned_backbone_and_resumes_exactly(tiny_data, tmp_pat
     assert json.loads((tmp_path / "full" / CONFIG_FILE).read_text())["max_length"] == 160
 
 
-def test_torchrun_two_processes(tiny_data, tmp_path):
+def test_two_ranks_train_like_one(tiny_data, tmp_path):
+    """Under torchrun each rank embeds half of every batch and scores its queries against the documents of the whole
+    batch (a SaHa cluster split between ranks keeps its hard negatives): two ranks reach the weights one process
+    reaches (up to float summation order)."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     backbone = save_tiny_qwen2(tmp_path / "qwen2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(Path(sys.executable).with_name("genrec")), "train", "embedder", "--data", str(tiny_data), "--out",
-           str(tmp_path / "out"), "--run-dir", str(tmp_path / "run"), "--backbone", str(backbone), "--max-length",
-           "160", "--max-steps", "2", "--batch-size", "16", "--k", "3", "--pool", "8"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = json.loads((tmp_path / "out" / "training.json").read_text())
+    exe = str(Path(sys.executable).with_name("genrec"))
+    args = ["train", "embedder", "--data", str(tiny_data), "--backbone", str(backbone), "--max-length", "160",
+            "--max-steps", "2", "--batch-size", "15", "--k", "3", "--pool", "8", "--lr", "1e-2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for launcher, name in (([], "one"), ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                          "--nproc_per_node", "2"], "two")):
+        proc = subprocess.run([*launcher, exe, *args, "--out", str(tmp_path / f"out-{name}"), "--run-dir",
+                               str(tmp_path / f"run-{name}")], capture_output=True, text=True, env=env, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "out-two" / "training.json").read_text())
     assert summary["steps"] == 2 and 0 <= summary["valid"]["recall@10"] <= 1
+    one, two = (torch.load(tmp_path / f"run-{n}" / "checkpoint.pt", weights_only=False)["model"] for n in ("one", "two"))
+    from transformers import Qwen2Model
+
+    start = Qwen2Model.from_pretrained(backbone).state_dict()
+    moved = 0.0
+    for name, w in one.items():
+        torch.testing.assert_close(two[name], w, atol=2e-5, rtol=1e-4, msg=name)
+        moved = max(moved, float((w - start[name.removeprefix("embedder.model.")]).abs().max()))
+    assert moved > 1e-4  # the two steps did move the weights

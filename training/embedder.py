@@ -13,7 +13,9 @@ similar to the anchor's query; pack the anchor and those k pairs into the same b
 cluster is a hard negative for the others. Loss: InfoNCE over the in-batch positives at temperature 0.02. Known
 false negatives never count: a candidate that is the row's own query item, or any item the row's query item is known
 to lead to in the training pairs (its own positive and the copies of it included), is masked in the loss and never
-mined. Under DDP each rank's share of a batch is its own set of candidates.
+mined. Under DDP every rank embeds its share of a batch and scores its queries against the documents of the whole
+batch (gathered from all ranks, gradients flowing back), so a SaHa cluster split between ranks keeps its hard
+negatives and two ranks train like one process.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -204,12 +208,14 @@ class ContrastiveModel(torch.nn.Module):
         self.embedder, self.texts, self.temperature, self.bucket_rows = embedder, texts, temperature, bucket_rows
         self.known = known_keys(known_pairs, len(texts))
 
-    def false_negatives(self, pairs: torch.Tensor) -> torch.Tensor:
-        """(B, B) bool, off the diagonal: candidate j is row i's own query item, or an item row i's query item is
-        known to lead to (which covers in-batch copies of row i's positive)."""
-        q, p = pairs[:, 0].numpy(), pairs[:, 1].numpy()
-        known = known_false_negatives(q, p, self.known, len(self.texts))
-        return torch.as_tensor(known) & ~torch.eye(len(q), dtype=torch.bool)
+    def false_negatives(self, pairs: torch.Tensor, candidates: torch.Tensor, offset: int = 0) -> torch.Tensor:
+        """(B, C) bool: candidate j (of the whole batch's pairs, this rank's rows from `offset`) is row i's own query
+        item, or an item row i's query item is known to lead to (which covers in-batch copies of row i's positive);
+        never row i's own positive."""
+        q, c = pairs[:, 0].numpy(), candidates[:, 1].numpy()
+        known = torch.as_tensor(known_false_negatives(q, c, self.known, len(self.texts)))
+        known[torch.arange(len(q)), offset + torch.arange(len(q))] = False
+        return known
 
     def embed(self, items: list[int], role: str) -> torch.Tensor:
         """(B, D) for these catalog rows, run bucket_rows at a time in length order (a text's embedding does not
@@ -223,9 +229,33 @@ class ContrastiveModel(torch.nn.Module):
     def forward(self, pairs: torch.Tensor) -> dict[str, torch.Tensor]:
         q = self.embed(pairs[:, 0].tolist(), "query")
         d = self.embed(pairs[:, 1].tolist(), "document")
-        logits = q @ d.T / self.temperature  # (B, B)
-        logits = logits.masked_fill(self.false_negatives(pairs).to(logits.device), float("-inf"))
-        return {"loss": F.cross_entropy(logits, torch.arange(len(pairs), device=logits.device))}
+        all_pairs, all_d, offset = gather_batch(pairs, d)
+        logits = q @ all_d.T / self.temperature  # (B, whole batch)
+        logits = logits.masked_fill(self.false_negatives(pairs, all_pairs, offset).to(logits.device), float("-inf"))
+        targets = offset + torch.arange(len(pairs), device=logits.device)
+        # The mean over the whole batch: DDP averages the ranks' gradients, so each rank's sum is scaled by world / B.
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        loss = F.cross_entropy(logits, targets, reduction="sum") * (world / len(all_pairs))
+        return {"loss": loss}
+
+
+def gather_batch(pairs: torch.Tensor, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every rank's (pairs, document embeddings) in rank order, and where this rank's rows start; the identity
+    outside DDP. Gradients flow back from every rank's loss to the rank that embedded the document."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return pairs, docs, 0
+    world, rank, dev = dist.get_world_size(), dist.get_rank(), docs.device
+    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(pairs)], device=dev))
+    sizes = [int(n) for n in sizes]
+    pad = max(sizes) - len(pairs)  # all_gather wants equal shapes; a batch may not split evenly
+    local = F.pad(pairs.to(dev), (0, 0, 0, pad), value=-1)
+    every = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(every, local)
+    docs_every = dist_nn.all_gather(F.pad(docs, (0, 0, 0, pad)))
+    all_pairs = torch.cat([p[:n] for p, n in zip(every, sizes)]).cpu()
+    all_docs = torch.cat([x[:n] for x, n in zip(docs_every, sizes)])
+    return all_pairs, all_docs, sum(sizes[:rank])
 
 
 def load_embedder_config(backbone: str | Path, base: EmbedderConfig | None = None) -> EmbedderConfig:
