@@ -260,6 +260,8 @@ def test_two_ranks_train_like_one(tiny_data, tmp_path):
         proc = subprocess.run([*launcher, exe, *args, "--out", str(tmp_path / f"out-{name}"), "--run-dir",
                                str(tmp_path / f"run-{name}")], capture_output=True, text=True, env=env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
+    with np.load(next((tmp_path / "run-one").glob("clusters-epoch0-*.npz"))) as z:
+        assert min(len(b) for b in np.split(z["flat"], z["bounds"])[:2]) >= 2  # two ranks skip a one-row batch
     summary = json.loads((tmp_path / "out-two" / "training.json").read_text())
     assert summary["steps"] == 2 and 0 <= summary["valid"]["recall@10"] <= 1
     one, two = (torch.load(tmp_path / f"run-{n}" / "checkpoint.pt", weights_only=False)["model"] for n in ("one", "two"))

@@ -27,7 +27,6 @@ import faiss
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
@@ -233,10 +232,28 @@ class ContrastiveModel(torch.nn.Module):
         logits = q @ all_d.T / self.temperature  # (B, whole batch)
         logits = logits.masked_fill(self.false_negatives(pairs, all_pairs, offset).to(logits.device), float("-inf"))
         targets = offset + torch.arange(len(pairs), device=logits.device)
-        # The mean over the whole batch: DDP averages the ranks' gradients, so each rank's sum is scaled by world / B.
+        # The mean over the whole batch: DDP averages the ranks' gradients, so each rank's sum is scaled by world / B
+        # (the logged loss is rank 0's: its rows' mean when the batch splits evenly).
         world = dist.get_world_size() if dist.is_initialized() else 1
         loss = F.cross_entropy(logits, targets, reduction="sum") * (world / len(all_pairs))
         return {"loss": loss}
+
+
+class _GatherRows(torch.autograd.Function):
+    """all_gather of equal-shaped tensors along dim 0; backward: every rank's gradient summed, this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), len(x)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.rows: (ctx.rank + 1) * ctx.rows]
 
 
 def gather_batch(pairs: torch.Tensor, docs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -244,16 +261,14 @@ def gather_batch(pairs: torch.Tensor, docs: torch.Tensor) -> tuple[torch.Tensor,
     outside DDP. Gradients flow back from every rank's loss to the rank that embedded the document."""
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return pairs, docs, 0
-    world, rank, dev = dist.get_world_size(), dist.get_rank(), docs.device
-    sizes = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(pairs)], device=dev))
+    world, rank = dist.get_world_size(), dist.get_rank()
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
+    dist.all_gather(sizes, torch.tensor([len(pairs)]))
     sizes = [int(n) for n in sizes]
     pad = max(sizes) - len(pairs)  # all_gather wants equal shapes; a batch may not split evenly
-    local = F.pad(pairs.to(dev), (0, 0, 0, pad), value=-1)
-    every = [torch.empty_like(local) for _ in range(world)]
-    dist.all_gather(every, local)
-    docs_every = dist_nn.all_gather(F.pad(docs, (0, 0, 0, pad)))
-    all_pairs = torch.cat([p[:n] for p, n in zip(every, sizes)]).cpu()
+    every = _GatherRows.apply(F.pad(pairs, (0, 0, 0, pad), value=-1)).view(world, -1, 2)
+    docs_every = _GatherRows.apply(F.pad(docs, (0, 0, 0, pad))).view(world, -1, docs.shape[1])
+    all_pairs = torch.cat([p[:n] for p, n in zip(every, sizes)])
     all_docs = torch.cat([x[:n] for x, n in zip(docs_every, sizes)])
     return all_pairs, all_docs, sum(sizes[:rank])
 

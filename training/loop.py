@@ -44,7 +44,7 @@ def init_distributed() -> Dist:
     """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        dist.init_process_group("gloo")  # training runs on CPU tensors, also on a machine with a GPU
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size())
     return Dist()
