@@ -262,15 +262,13 @@ def gather_batch(pairs: torch.Tensor, docs: torch.Tensor) -> tuple[torch.Tensor,
     if not dist.is_initialized() or dist.get_world_size() == 1:
         return pairs, docs, 0
     world, rank = dist.get_world_size(), dist.get_rank()
-    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(world)]
-    dist.all_gather(sizes, torch.tensor([len(pairs)]))
-    sizes = [int(n) for n in sizes]
+    every = [None] * world
+    dist.all_gather_object(every, pairs)  # a few ids, no gradient
+    sizes = [len(p) for p in every]
     pad = max(sizes) - len(pairs)  # all_gather wants equal shapes; a batch may not split evenly
-    every = _GatherRows.apply(F.pad(pairs, (0, 0, 0, pad), value=-1)).view(world, -1, 2)
     docs_every = _GatherRows.apply(F.pad(docs, (0, 0, 0, pad))).view(world, -1, docs.shape[1])
-    all_pairs = torch.cat([p[:n] for p, n in zip(every, sizes)])
     all_docs = torch.cat([x[:n] for x, n in zip(docs_every, sizes)])
-    return all_pairs, all_docs, sum(sizes[:rank])
+    return torch.cat(every), all_docs, sum(sizes[:rank])
 
 
 def load_embedder_config(backbone: str | Path, base: EmbedderConfig | None = None) -> EmbedderConfig:
