@@ -39,12 +39,11 @@ RUN pip install --upgrade pip \
     && pip install ${TORCH_INDEX_URL:+--index-url "$TORCH_INDEX_URL"} torch==2.13.0
 
 COPY . .
-RUN pip install -e . \
+# A regular (not editable) install: the wheel carries the genrec.v1 stubs, and nothing is written at run time.
+RUN pip install . \
     && if [ "$FAISS_PACKAGE" != faiss-cpu ]; then pip uninstall -y faiss-cpu && pip install "$FAISS_PACKAGE"; fi \
     && if [ "$ORT_PACKAGE" != onnxruntime ]; then pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; fi \
-    && python -c "import server.protos" \
     && useradd --system --no-create-home genrec
-# ^ generates the gRPC stubs now, as root, so the unprivileged runtime user only reads them.
 
 USER genrec
 EXPOSE 50051 9090

@@ -8,7 +8,7 @@ DEMO_BUNDLE := bundles/demo
 BUNDLE ?= $(DEMO_BUNDLE)
 DEMO_DATA ?= data/synthetic
 
-.PHONY: install test serve demo-bundle bench-quality bench-load clean
+.PHONY: install test lint-imports protos serve demo-bundle bench-quality bench-load clean
 
 # venv + editable install with test extras; re-run when pyproject.toml changes.
 $(BIN)/.installed: pyproject.toml
@@ -19,8 +19,19 @@ $(BIN)/.installed: pyproject.toml
 
 install: $(BIN)/.installed
 
-test: install
+test: install lint-imports
 	$(BIN)/python -m pytest
+
+# The import layers (pyproject.toml, [tool.importlinter]), checked on the package as it installs: the top-level
+# folders become one `genrec` tree only there (lint-imports reads packages from disk).
+lint-imports: install
+	rm -rf build/lint
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation --target build/lint .
+	cd build/lint && ../../$(BIN)/lint-imports ../../pyproject.toml
+
+# Regenerate the committed genrec.v1 stubs after editing protos/genrec/v1/*.proto.
+protos: install
+	$(BIN)/python protos/generate.py
 
 # The demo bundle: synthetic sample -> item vectors, FAISS, semantic IDs -> SFT -> value head (about 2 minutes).
 # The target is the last artifact, so an interrupted build or training is redone, never served half-made.
@@ -43,4 +54,4 @@ bench-load: install demo-bundle
 	$(BIN)/python benchmarks/load.py --bundle $(BUNDLE)
 
 clean:
-	rm -rf $(VENV) bundles runs results $(DEMO_DATA)
+	rm -rf $(VENV) build bundles runs results $(DEMO_DATA)

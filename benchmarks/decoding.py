@@ -20,13 +20,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.atomic import write_json
-from genrec.bundle import Bundle
-from genrec.data import eval_split, load_dataset
-from genrec.evaluate import generate_topk, invalid_rate
-from genrec.metrics import ranking_metrics
-from models.decoding import Trie
-from models.ved import beam_budget
+from genrec.core.atomic import write_json
+from genrec.core.bundle import Bundle
+from genrec.core.data import eval_split, load_dataset
+from genrec.core.metrics import ranking_metrics
+from genrec.evaluation import generate_topk, invalid_rate
+from genrec.models.loading import load_recommender, load_trie, load_value_head
+from genrec.models.ved import beam_budget
 
 ABLATIONS = {"lam=0": {"lam": 0.0}, "beta=0.1": {"beta": 0.1}, "no gate": {"gate": False},
              "beta=0": {"beta": 0.0}, "widen_power=1": {"widen_power": 1.0}, "greedy expansion": {"temperature": 0.0},
@@ -51,7 +51,7 @@ def run_oracle(model, trie, hist, targets, k, width, ved_cfg, batch_size=256) ->
     """VED whose value is an oracle: 1 on the target's trie path, 0 elsewhere. The final score stays the policy's
     log-probability, so the oracle only steers which prefixes the search spends its forwards on. If even this VED
     does not beat beam search, the search itself, not the value estimate, is what limits it."""
-    from models.ved import ved_decode
+    from genrec.models.ved import ved_decode
 
     topk, forwards = [], []
     for s in range(0, len(hist), batch_size):
@@ -102,8 +102,8 @@ def main():
     ds = load_dataset(args.data)
     bundle.check_catalog(ds)
     split = eval_split(ds, args.split)
-    model, head = bundle.recommender(), bundle.value_head()
-    trie = Trie.from_prefix_trie(bundle.trie())
+    model, head = load_recommender(bundle), load_value_head(bundle)
+    trie = load_trie(bundle)
     ved_cfg = bundle.preset.ved
     n = args.users or len(split.targets)
     hist, targets = split.histories[:n], split.targets[:n]

@@ -22,11 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.atomic import write_json
-from genrec.config import EmbedderConfig, load_preset
-from genrec.data import load_dataset
-from training.embedder import evaluate_retrieval, heldout_pairs, load_embedder_config, train_embedder
-from training.loop import metrics_from_ranks
+from genrec.core.atomic import write_json
+from genrec.core.config import EmbedderConfig, load_preset
+from genrec.core.data import load_dataset
+from genrec.evaluation import evaluate_retrieval, heldout_pairs
+from genrec.models.embedder import load_embedder_config
+from genrec.training.embedder import train_embedder
+from genrec.core.metrics import metrics_from_ranks
 
 
 def throughput(embedder, texts: list[str], batch: int, seconds: float = 10.0) -> float:
@@ -52,8 +54,8 @@ def paired_recall_gap(a: np.ndarray, b: np.ndarray, k: int = 10, draws: int = 20
 
 
 def onnx_report(texts: list[str], out_dir: Path) -> dict:
-    from models.embedder import Embedder
-    from models.onnx_embedder import OnnxEmbedder, export_onnx
+    from genrec.models.embedder import Embedder
+    from genrec.models.onnx_embedder import OnnxEmbedder, export_onnx
 
     torch_e = Embedder(EmbedderConfig())
     path = export_onnx(torch_e, out_dir / "embedder.onnx")
@@ -107,7 +109,7 @@ def main():
     if out.exists():  # a re-run adds to or replaces rows, so variants can run in separate processes
         report["rows"] = [r for r in json.loads(out.read_text())["rows"] if r["variant"] not in label.values()]
 
-    from models.embedder import Embedder
+    from genrec.models.embedder import Embedder
 
     test_pairs = heldout_pairs(ds, "test")
     for variant in variants:

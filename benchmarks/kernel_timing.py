@@ -15,10 +15,11 @@ import time
 import numpy as np
 import torch
 
-from genrec.atomic import write_json
-from kernels.constrained_topk import constrained_topk_torch, constrained_topk_triton
-from kernels.ved_scores import ved_scores_torch, ved_scores_triton
-from models.semantic_ids import PrefixTrie
+from genrec.core.atomic import write_json
+from genrec.kernels.constrained_topk import constrained_topk_torch, constrained_topk_triton
+from genrec.kernels.ved_scores import ved_scores_torch, ved_scores_triton
+from genrec.models.loading import prefix_trie
+from genrec.models.semantic_ids import PrefixTrie
 
 
 def timed(fn, device, repeats=20) -> float:
@@ -39,9 +40,9 @@ def main():
     ap.add_argument("--out", default="results/kernels.json")
     args = ap.parse_args()
     if args.bundle:
-        from genrec.bundle import Bundle
+        from genrec.core.bundle import Bundle
 
-        trie = Bundle.load(args.bundle).trie()
+        trie = prefix_trie(Bundle.load(args.bundle))
     else:
         rng = np.random.default_rng(0)
         codes = np.unique(rng.integers(0, 256, (12000, 3)), axis=0)

@@ -1,6 +1,6 @@
 """Bounded headless load on loopback, with micro-batching on and off: RPS, p50/p95/p99 latency, failures.
 
-For each configuration this starts `python -m server` on free ports, waits until it is warm (SERVING), runs
+For each configuration this starts `python -m genrec.server` on free ports, waits until it is warm (SERVING), runs
 loadtest/locustfile.py headless against it (the same file an operator runs), reads Locust's final JSON and the
 server's Prometheus batch-size histogram, then stops the server with SIGTERM. Prints one table, writes one JSON.
 
@@ -35,10 +35,10 @@ CONFIGS = {  # name -> serve options
 
 
 class Server:
-    """`python -m server` on free ports; its stderr is collected so the ports can be read from the log."""
+    """`python -m genrec.server` on free ports; its stderr is collected so the ports can be read from the log."""
 
     def __init__(self, bundle: Path, max_batch_size: int, max_wait_ms: float, max_queue: int):
-        args = [sys.executable, "-m", "server", "--bundle", str(bundle), "--port", "0", "--metrics-port", "0",
+        args = [sys.executable, "-m", "genrec.server", "--bundle", str(bundle), "--port", "0", "--metrics-port", "0",
                 "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
                 "--max-queue", str(max_queue)]
         self.proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import torch
 
-from genrec.atomic import write_json
-from genrec.build import build_bundle
-from genrec.bundle import Bundle
-from genrec.config import load_preset
-from genrec.data import load_dataset
-from genrec.evaluate import evaluate
-from training.sft import train_sasrec, train_sft
+from genrec.core.atomic import write_json
+from genrec.core.bundle import Bundle
+from genrec.core.config import load_preset
+from genrec.core.data import load_dataset
+from genrec.evaluation import evaluate
+from genrec.training.build import build_bundle
+from genrec.training.sft import train_sasrec, train_sft
 
 
 def peak_rss_mb() -> float:

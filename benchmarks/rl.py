@@ -17,12 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-from genrec.atomic import write_json
-from genrec.bundle import Bundle, update_bundle
-from genrec.data import load_dataset
-from genrec.evaluate import evaluate
-from training.loop import load_checkpoint
-from training.rl import train_rl
+from genrec.core.atomic import write_json
+from genrec.core.bundle import Bundle, update_bundle
+from genrec.core.data import load_dataset
+from genrec.evaluation import evaluate
+from genrec.models.loading import load_recommender
+from genrec.training.loop import load_checkpoint
+from genrec.training.rl import train_rl
 
 VARIANTS = {
     "GRPO, beam rollouts": {"rollout": "beam", "sibling_weight": 0.0},
@@ -70,7 +71,7 @@ def main():
                    "valid_sft": summary["valid_sft"], "wall_minutes": round((time.time() - t0) / 60, 1),
                    "config": summary["config"]}
             last = load_checkpoint(run_dir / "checkpoint.pt")["policy"]
-            policy = Bundle.load(copy).recommender()
+            policy = load_recommender(Bundle.load(copy))
             policy.load_state_dict(last)
             update_bundle(copy, {"recommender.safetensors": policy.save})
             last_row = {"variant": f"{label} (last, step {summary['steps']})", **test(copy)}

@@ -27,11 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.atomic import write_json
-from genrec.bundle import Bundle
-from genrec.data import eval_split, load_dataset, train_pairs
-from genrec.metrics import ndcg_at, recall_at
-from models.decoding import Trie, beam_search
+from genrec.core.atomic import write_json
+from genrec.core.bundle import Bundle
+from genrec.core.data import eval_split, load_dataset, train_pairs
+from genrec.core.metrics import ndcg_at, recall_at
+from genrec.models.decoding import beam_search
+from genrec.models.loading import load_recommender, load_trie
 
 quiet = lambda *a, **k: None  # noqa: E731
 RL = {"rollout": "beam", "rewards": {"exact": 1.0}, "batch_size": 128, "lr": 1e-4, "eval_every": 25,
@@ -41,7 +42,7 @@ RL = {"rollout": "beam", "rewards": {"exact": 1.0}, "batch_size": 128, "lr": 1e-
 def rl_run(bundle: Path, data: str, contexts, steps: int, valid_users: int | None, work: Path) -> dict:
     """train_rl on a copy of `bundle` with its training contexts replaced by `contexts` (a Split), or the usual ones
     when None. Returns validation NDCG@10 / Recall@10 at every evaluation."""
-    import training.rl as rl
+    import genrec.training.rl as rl
 
     copy = work / f"bundle-{time.monotonic_ns()}"
     shutil.copytree(bundle, copy)
@@ -59,7 +60,7 @@ def rl_run(bundle: Path, data: str, contexts, steps: int, valid_users: int | Non
 
 
 def holdout_run(bundle: Path, data: str, steps: int, valid_users: int | None, work: Path) -> dict:
-    import training.sft as sft
+    import genrec.training.sft as sft
 
     copy = work / "holdout-sft"
     shutil.copytree(bundle, copy)
@@ -70,9 +71,9 @@ def holdout_run(bundle: Path, data: str, steps: int, valid_users: int | None, wo
     finally:
         sft.train_sequences = real
     ds = load_dataset(data)
-    from genrec.data import train_sequences
+    from genrec.core.data import train_sequences
 
-    p = train_pairs(train_sequences(ds), Bundle.load(copy).recommender().cfg.max_history)
+    p = train_pairs(train_sequences(ds), load_recommender(Bundle.load(copy)).cfg.max_history)
     last = np.r_[p.users[1:] != p.users[:-1], True]  # each user's last training pair: never an SFT target
     return rl_run(copy, data, type(p)(p.users[last], p.histories[last], p.targets[last]), steps, valid_users, work)
 
@@ -80,7 +81,7 @@ def holdout_run(bundle: Path, data: str, steps: int, valid_users: int | None, wo
 @torch.no_grad()
 def search_gap(bundle_path: Path, data: str, users: int) -> dict:
     bundle, ds = Bundle.load(bundle_path), load_dataset(data)
-    model, trie = bundle.recommender(), Trie.from_prefix_trie(bundle.trie())
+    model, trie = load_recommender(bundle), load_trie(bundle)
     codes = torch.as_tensor(bundle.codes).long()
     split = eval_split(ds, "test", model.cfg.max_history)
     pick = np.sort(np.random.default_rng(0).permutation(len(split.targets))[:users])
@@ -123,7 +124,7 @@ def main():
             t0 = time.time()
             if check == "fit-eval":
                 ds = load_dataset(args.data)
-                valid = eval_split(ds, "valid", Bundle.load(args.bundle).recommender().cfg.max_history)
+                valid = eval_split(ds, "valid", load_recommender(Bundle.load(args.bundle)).cfg.max_history)
                 if args.valid_users and args.valid_users < len(valid.targets):  # the users train_rl validates on
                     pick = np.sort(np.random.default_rng(0).permutation(len(valid.targets))[: args.valid_users])
                     valid = type(valid)(valid.users[pick], valid.histories[pick], valid.targets[pick])

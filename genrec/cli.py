@@ -26,8 +26,8 @@ def clear_errors(fn):
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from genrec.bundle import BundleError
-        from genrec.data import DatasetError
+        from genrec.core.bundle import BundleError
+        from genrec.core.data import DatasetError
 
         try:
             return fn(*args, **kwargs)
@@ -49,7 +49,7 @@ def data_synth(out: Annotated[Path, typer.Option(help="folder to write items.jso
                users: Annotated[int, typer.Option(min=10, max=10_000_000, help="number of users")] = 2000,
                seed: Annotated[int, typer.Option(help="random seed")] = 0):
     """Write the seeded synthetic sample (users with learnable behaviour) in the genrec folder format."""
-    from genrec import synth
+    from genrec.core import synth
 
     synth.write(out, items, users, seed)
     typer.echo(f"wrote {items} items and {users} users to {out}")
@@ -64,7 +64,7 @@ Prompt = Annotated[Optional[bool], typer.Option(
 
 
 def _embedder_config(base, backbone: str | None, prompt: bool | None):
-    from training.embedder import load_embedder_config
+    from genrec.models.embedder import load_embedder_config
 
     cfg = load_embedder_config(_absolute(backbone), base) if backbone else base
     return cfg.model_copy(update={"prompt": prompt}) if prompt is not None else cfg
@@ -81,8 +81,8 @@ def build(data: Data, out: Annotated[Path, typer.Option(help="bundle directory t
           preset: Annotated[str, typer.Option(help="preset name or YAML path (see `genrec presets`)")] = "beauty",
           backbone: Backbone = None, prompt: Prompt = None):
     """Embed the catalog, build the FAISS index and the semantic IDs: a new bundle."""
-    from genrec.build import build_bundle
-    from genrec.config import load_preset
+    from genrec.core.config import load_preset
+    from genrec.training.build import build_bundle
 
     recipe = load_preset(preset)
     recipe = recipe.model_copy(update={"embedder": _embedder_config(recipe.embedder, backbone, prompt)})
@@ -92,7 +92,7 @@ def build(data: Data, out: Annotated[Path, typer.Option(help="bundle directory t
 @app.command()
 def presets():
     """List the shipped presets."""
-    from genrec.config import preset_names
+    from genrec.core.config import preset_names
 
     typer.echo("\n".join(preset_names()))
 
@@ -117,7 +117,7 @@ def _train_command(kind: str):
         eval_every: Annotated[Optional[int], typer.Option(min=1, help="epochs between validations")] = None,
         seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
     ):
-        from training.sft import train_sasrec, train_sft
+        from genrec.training.sft import train_sasrec, train_sft
 
         fn = train_sft if kind == "sft" else train_sasrec
         overrides = _train_overrides(max_minutes=max_minutes, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
@@ -147,7 +147,7 @@ def train_value(
     seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
 ):
     """Fit the value head (V-STAR) on the SFT policy's own rollouts with dense per-level rewards and TD targets."""
-    from training.value import train_value as run
+    from genrec.training.value import train_value as run
 
     run(bundle, data, preset, run_dir, resume,
         _train_overrides(max_minutes=max_minutes, max_epochs=max_epochs, rollouts=rollouts, seed=seed))
@@ -201,7 +201,7 @@ def train_rl(
     seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
 ):
     """Sibling-GRPO reinforcement learning of the recommender from its SFT weights (VED rollouts by default)."""
-    from training.rl import train_rl as run
+    from genrec.training.rl import train_rl as run
 
     overrides = _train_overrides(
         rollout=rollout.value if rollout else None, group_size=group_size, budget=budget,
@@ -241,8 +241,8 @@ def train_embedder(
     seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
 ):
     """Contrastive fine-tuning of the embedder on item-to-next-item pairs (SaHa hard negatives by default)."""
-    from genrec.config import EmbedderTrainConfig, load_preset
-    from training.embedder import train_embedder as run
+    from genrec.core.config import EmbedderTrainConfig, load_preset
+    from genrec.training.embedder import train_embedder as run
 
     recipe = load_preset(preset)
     emb = _embedder_config(recipe.embedder, backbone, prompt)
@@ -266,15 +266,15 @@ def embedder_eval(
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON here")] = None,
 ):
     """Item-to-next-item retrieval on held-out pairs: Recall/NDCG@5/10 of the true next item over the catalog."""
-    from genrec.config import load_preset
-    from training.embedder import eval_embedder
+    from genrec.core.config import load_preset
+    from genrec.evaluation import eval_embedder
 
     emb = _embedder_config(load_preset(preset).embedder, backbone, prompt)
     if max_length is not None:
         emb = emb.model_copy(update={"max_length": max_length})
     results = eval_embedder(data, emb, split)
     if json_out:
-        from genrec.atomic import write_json
+        from genrec.core.atomic import write_json
 
         write_json(json_out, results)
 
@@ -283,10 +283,9 @@ def embedder_eval(
 @clear_errors
 def embedder_export_onnx(bundle: BundlePath):
     """Export the bundle's embedder to ONNX (a new bundle version with embedder.onnx), for `serve --backend onnx`."""
-    from genrec.bundle import Bundle, update_bundle
-    from models.embedder import Embedder
-    from models.onnx_embedder import export_onnx
-    from server.engine import ONNX_FILE
+    from genrec.core.bundle import Bundle, update_bundle
+    from genrec.models.embedder import Embedder
+    from genrec.models.onnx_embedder import ONNX_FILE, export_onnx
 
     embedder = Embedder(Bundle.load(bundle).preset.embedder)
     update_bundle(bundle, {ONNX_FILE: lambda p: export_onnx(embedder, p)})
@@ -307,9 +306,9 @@ def index_build(
     import faiss
     import numpy as np
 
-    from genrec.bundle import Bundle, update_bundle
-    from genrec.config import IndexConfig
-    from genrec.index import build_index, recall_against_exact, resolve_factory
+    from genrec.core.bundle import Bundle, update_bundle
+    from genrec.core.config import IndexConfig
+    from genrec.models.index import build_index, recall_against_exact, resolve_factory
 
     b = Bundle.load(bundle)
     cfg = IndexConfig.model_validate({**b.preset.index.model_dump(), **_train_overrides(
@@ -350,9 +349,9 @@ def evaluate(
     predictions: Annotated[Optional[Path], typer.Option(help="write one JSON line per user here")] = None,
 ):
     """Full-catalog Recall/NDCG@5/10 and invalid rate of the recommender, with popularity and SASRec baselines."""
-    from genrec.bundle import Bundle
-    from genrec.data import load_dataset
-    from genrec.evaluate import evaluate as run
+    from genrec.core.bundle import Bundle
+    from genrec.core.data import load_dataset
+    from genrec.evaluation import evaluate as run
 
     if decoding == Decoding.beam and beam_width < k:
         raise ValueError(f"--beam-width {beam_width} is smaller than -k {k}: use a beam at least as wide as k")
@@ -361,7 +360,7 @@ def evaluate(
     results = run(Bundle.load(bundle), load_dataset(data), split.value, k, beam_width, predictions,
                   decoding=decoding.value, budget=budget)
     if json_out:
-        from genrec.atomic import write_json
+        from genrec.core.atomic import write_json
 
         write_json(json_out, results)
 
@@ -370,14 +369,14 @@ def evaluate(
 @clear_errors
 def info(bundle: BundlePath):
     """Print a bundle's manifest."""
-    from genrec.bundle import read_manifest
+    from genrec.core.bundle import read_manifest
 
     typer.echo(json.dumps(read_manifest(bundle), indent=2))
 
 
 
 # Serving lives in server/; its commands import grpc only when they run, so `genrec --help` stays fast.
-from server.cli import query_app, serve  # noqa: E402
+from genrec.server.cli import query_app, serve  # noqa: E402
 
 app.command("serve")(serve)
 app.add_typer(query_app, name="query")

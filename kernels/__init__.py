@@ -11,9 +11,9 @@ import os
 
 import torch
 
-from kernels.constrained_topk import (constrained_topk_torch, constrained_topk_triton, masked_log_softmax,
-                                      valid_children_mask)
-from kernels.ved_scores import ved_scores_torch, ved_scores_triton
+from genrec.kernels.constrained_topk import (constrained_topk_torch, constrained_topk_triton, masked_log_softmax,
+                                             valid_children_mask)
+from genrec.kernels.ved_scores import ved_scores_torch, ved_scores_triton
 
 __all__ = ["constrained_topk", "ved_scores", "masked_log_softmax", "valid_children_mask", "use_triton"]
 

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.constrained_topk import masked_log_softmax, valid_children_mask
+from genrec.kernels.constrained_topk import masked_log_softmax, valid_children_mask
 
 GATE_TOLERANCE = 1e-6  # G equal to its depth mean passes, whatever the summation order
 

@@ -27,8 +27,8 @@ import grpc  # noqa: E402
 from locust import User, events, tag, task  # noqa: E402
 from locust.exception import LocustError, StopUser  # noqa: E402
 
-from server.client import Stubs, open_channel  # noqa: E402
-from server.protos import embed_pb2, info_pb2, recommend_pb2, search_pb2  # noqa: E402
+from genrec.server.client import Stubs, open_channel  # noqa: E402
+from genrec.v1 import embed_pb2, info_pb2, recommend_pb2, search_pb2  # noqa: E402
 
 
 @events.init_command_line_parser.add_listener

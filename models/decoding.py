@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kernels import constrained_topk, masked_log_softmax, valid_children_mask
-from models.recommender import Recommender
+from genrec.kernels import constrained_topk, masked_log_softmax, valid_children_mask
+from genrec.models.recommender import Recommender
 
 __all__ = ["Trie", "Recommendations", "beam_search", "sample", "masked_log_softmax"]
 

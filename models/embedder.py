@@ -15,6 +15,7 @@ shortens the text, never the prompt. `encode` sorts inputs by length and runs a 
 from __future__ import annotations
 
 import io
+import json
 import os
 import queue
 import threading
@@ -27,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from genrec.config import EmbedderConfig
+from genrec.core.config import EmbedderConfig
+
+CONFIG_FILE = "genrec_embedder.json"  # the prompt settings a tuned backbone was trained with, beside its weights
 
 Role = Literal["query", "document"]
 Kind = Literal["encoder", "causal", "vlm"]
@@ -293,3 +296,11 @@ class Embedder(torch.nn.Module):
         self.inputs.tok.save_pretrained(path)
         if self.inputs.images is not None:
             self.inputs.images.save_pretrained(path)
+
+
+def load_embedder_config(backbone: str | Path, base: EmbedderConfig | None = None) -> EmbedderConfig:
+    """The embedder config for `backbone`: a tuned backbone's own prompt settings (its CONFIG_FILE) over `base`."""
+    base = base or EmbedderConfig()
+    saved = Path(backbone) / CONFIG_FILE
+    extra = json.loads(saved.read_text()) if saved.exists() else {}
+    return EmbedderConfig.model_validate({**base.model_dump(), **extra, "backbone": str(backbone)})

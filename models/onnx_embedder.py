@@ -13,10 +13,12 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from genrec.atomic import atomic_path
-from genrec.config import EmbedderConfig
-from models.embedder import Embedder, EmbedInput, PromptTokenizer, Role, backbone_dir, backbone_kind, encode_batches, pool
+from genrec.core.atomic import atomic_path
+from genrec.core.config import EmbedderConfig
+from genrec.models.embedder import (Embedder, EmbedInput, PromptTokenizer, Role, backbone_dir, backbone_kind,
+                                    encode_batches, pool)
 
+ONNX_FILE = "embedder.onnx"  # the exported embedder's name inside a bundle
 INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from genrec.atomic import atomic_path
-from genrec.config import RecommenderConfig
-from kernels.constrained_topk import csr_entries
-from models.layers import Block, KVCache, causal_padding_mask, init_small, positions_left_padded
+from genrec.core.atomic import atomic_path
+from genrec.core.config import RecommenderConfig
+from genrec.kernels.constrained_topk import csr_entries
+from genrec.models.layers import Block, KVCache, causal_padding_mask, init_small, positions_left_padded
 
 
 class Recommender(nn.Module):

@@ -14,9 +14,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from genrec.atomic import atomic_path
-from genrec.config import SASRecConfig
-from models.layers import Block, causal_padding_mask, init_small, positions_left_padded
+from genrec.core.atomic import atomic_path
+from genrec.core.config import SASRecConfig
+from genrec.models.layers import Block, causal_padding_mask, init_small, positions_left_padded
 
 
 class SASRec(nn.Module):

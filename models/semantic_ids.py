@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from genrec.config import SemanticIdConfig
+from genrec.core.config import SemanticIdConfig
 
 
 @dataclass

@@ -16,8 +16,8 @@ import torch.nn as nn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from genrec.atomic import atomic_path
-from models.layers import init_small
+from genrec.core.atomic import atomic_path
+from genrec.models.layers import init_small
 
 
 class ValueHead(nn.Module):

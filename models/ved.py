@@ -26,11 +26,11 @@ from dataclasses import dataclass
 
 import torch
 
-from genrec.config import VedConfig
-from kernels import masked_log_softmax, ved_scores
-from models.decoding import Recommendations, Trie
-from models.recommender import Recommender
-from models.value import ValueHead
+from genrec.core.config import VedConfig
+from genrec.kernels import masked_log_softmax, ved_scores
+from genrec.models.decoding import Recommendations, Trie
+from genrec.models.recommender import Recommender
+from genrec.models.value import ValueHead
 
 
 def beam_budget(depth: int, beam_width: int) -> int:

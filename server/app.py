@@ -12,16 +12,21 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from server.batching import MicroBatcher, grouped
-from server.config import ServerConfig
-from server.engine import Engine
-from server.interceptors import AuthInterceptor, ObservabilityInterceptor
-from server.metrics import Metrics
-from server.protos import SERVICE_NAMES, embed_pb2_grpc, info_pb2_grpc, recommend_pb2_grpc, search_pb2_grpc
-from server.servicers import AdminServicer, EmbedServicer, InfoServicer, RecommendServicer, SearchServicer
-from server.swap import EngineSlot
+from genrec.server.batching import MicroBatcher, grouped
+from genrec.server.config import ServerConfig
+from genrec.server.engine import Engine
+from genrec.server.interceptors import AuthInterceptor, ObservabilityInterceptor
+from genrec.server.metrics import Metrics
+from genrec.server.servicers import AdminServicer, EmbedServicer, InfoServicer, RecommendServicer, SearchServicer
+from genrec.server.swap import EngineSlot
+from genrec.v1 import (embed_pb2, embed_pb2_grpc, info_pb2, info_pb2_grpc, recommend_pb2, recommend_pb2_grpc,
+                       search_pb2, search_pb2_grpc)
 
 log = logging.getLogger(__name__)
+
+# Full names of the genrec.v1 services, for health, reflection and the interceptors.
+SERVICE_NAMES = tuple(svc.full_name for mod in (recommend_pb2, embed_pb2, search_pb2, info_pb2)
+                      for svc in mod.DESCRIPTOR.services_by_name.values())
 
 
 def per_engine(method: str):

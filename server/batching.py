@@ -16,9 +16,9 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Generic, Hashable, Iterable, TypeVar
 
-from server.config import BatchingConfig
-from server.errors import Cancelled, DeadlineExpired, Overloaded, Unavailable
-from server.metrics import Metrics
+from genrec.server.config import BatchingConfig
+from genrec.server.errors import Cancelled, DeadlineExpired, Overloaded, Unavailable
+from genrec.server.metrics import Metrics
 
 P = TypeVar("P")  # a request payload
 R = TypeVar("R")  # its result

@@ -13,8 +13,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from server.config import BatchingConfig, ServerConfig
-
+from genrec.server.config import BatchingConfig, ServerConfig
 
 _S, _B = ServerConfig.model_fields, BatchingConfig.model_fields
 
@@ -47,8 +46,8 @@ def serve(
     SIGTERM/SIGINT stop gracefully (in-flight requests finish); SIGHUP reloads the bundle from its path."""
     from pydantic import ValidationError
 
-    from genrec.bundle import BundleError
-    from server.app import create_server, serve_until_signalled
+    from genrec.core.bundle import BundleError
+    from genrec.server.app import create_server, serve_until_signalled
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked, at INFO
@@ -108,7 +107,7 @@ def _call(fn):
 
 
 def _stubs(target: str, token: str | None, tls_ca: Path | None):
-    from server.client import Stubs, open_channel
+    from genrec.server.client import Stubs, open_channel
 
     return Stubs.of(open_channel(target, token, tls_ca))
 
@@ -139,7 +138,7 @@ def recommend(
     target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0,
 ):
     """The next items for a history."""
-    from server.protos import recommend_pb2
+    from genrec.v1 import recommend_pb2
 
     strategy = recommend_pb2.DecodingStrategy.Value(f"DECODING_STRATEGY_{decoding.value.upper()}")
     request = recommend_pb2.RecommendRequest(
@@ -158,7 +157,7 @@ def search(
     target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0,
 ):
     """Nearest catalog items to a text, image or vector."""
-    from server.protos import search_pb2
+    from genrec.v1 import search_pb2
 
     given = [x for x in (text, image, vector) if x is not None]
     if len(given) != 1:
@@ -182,7 +181,7 @@ def embed(
     target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0,
 ):
     """Unit-norm embeddings of texts and images (one input each, in order: texts first)."""
-    from server.protos import embed_pb2
+    from genrec.v1 import embed_pb2
 
     if not text and not image:
         raise typer.BadParameter("give at least one --text or --image")
@@ -196,7 +195,7 @@ def embed(
 @_call
 def info(target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 10.0):
     """The served bundle (manifest, versions, limits)."""
-    from server.protos import info_pb2
+    from genrec.v1 import info_pb2
 
     return _stubs(target, token, tls_ca).info.GetInfo(info_pb2.GetInfoRequest(), timeout=timeout)
 
@@ -208,7 +207,7 @@ def reload(
     target: Target = "127.0.0.1:50051", token: Token = None, tls_ca: TlsCa = None, timeout: Timeout = 300.0,
 ):
     """Hot-swap the served bundle (loaded and warmed before the swap; no request fails)."""
-    from server.protos import info_pb2
+    from genrec.v1 import info_pb2
 
     return _stubs(target, token, tls_ca).admin.Reload(info_pb2.ReloadRequest(bundle_path=bundle or ""),
                                                       timeout=timeout)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import grpc
 
-from server.protos import embed_pb2_grpc, info_pb2_grpc, recommend_pb2_grpc, search_pb2_grpc
+from genrec.v1 import embed_pb2_grpc, info_pb2_grpc, recommend_pb2_grpc, search_pb2_grpc
 
 
 class BearerToken(grpc.UnaryUnaryClientInterceptor):

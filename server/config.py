@@ -7,7 +7,7 @@ from typing import Literal, Optional
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
-from genrec.config import Frozen
+from genrec.core.config import Frozen
 
 
 class BatchingConfig(Frozen):

@@ -17,16 +17,17 @@ import faiss
 import numpy as np
 import torch
 
-from genrec.bundle import Bundle, BundleError
-from genrec.config import EmbedderConfig
-from models.decoding import Trie, beam_search
-from models.embedder import Embedder, EmbedInput, PromptTokenizer
-from models.ved import beam_budget, ved_decode
-from server.batching import grouped
+from genrec.core.bundle import Bundle, BundleError
+from genrec.core.config import EmbedderConfig
+from genrec.models.decoding import beam_search
+from genrec.models.embedder import Embedder, EmbedInput, PromptTokenizer
+from genrec.models.loading import load_recommender, load_search_index, load_trie, load_value_head, prefix_trie
+from genrec.models.onnx_embedder import ONNX_FILE
+from genrec.models.ved import beam_budget, ved_decode
+from genrec.server.batching import grouped
 
 Role = Literal["query", "document"]
 Backend = Literal["torch", "onnx"]
-ONNX_FILE = "embedder.onnx"
 
 
 @dataclass(frozen=True)
@@ -71,7 +72,7 @@ class SharedEmbedder:
                  onnx_path: Path | None = None):
         self.cfg, self.device, self.backend = cfg, device, backend
         if backend == "onnx":
-            from models.onnx_embedder import OnnxEmbedder
+            from genrec.models.onnx_embedder import OnnxEmbedder
 
             if onnx_path is None or not onnx_path.exists():
                 raise BundleError(f"--backend onnx needs {ONNX_FILE} in the bundle: run `genrec embedder export-onnx "
@@ -114,14 +115,16 @@ class Engine:
         if embedder.dim != self.dim:
             raise BundleError(f"{bundle.path}: the embedder makes {embedder.dim}-d vectors but the item vectors are "
                               f"{self.dim}-d; rebuild the bundle with its embedder")
-        self.model = bundle.recommender(device) if bundle.has("recommender.safetensors") else None
-        self.trie = Trie.from_prefix_trie(bundle.trie(), device) if self.model is not None else None
+        self.model = self.trie = None
+        if bundle.has("recommender.safetensors"):
+            prefix = prefix_trie(bundle)
+            self.model, self.trie = load_recommender(bundle, device, prefix), load_trie(bundle, device, prefix)
         has_value = self.model is not None and bundle.has("value.safetensors")
-        self.value_head = bundle.value_head(device) if has_value else None
+        self.value_head = load_value_head(bundle, device) if has_value else None
         self.ved_config = bundle.preset.ved
         self.max_history = (self.model.cfg if self.model is not None else bundle.preset.recommender).max_history
         self.default_beam_width = bundle.preset.sft.beam_width  # the width the bundle was validated with
-        self.index = bundle.index()
+        self.index = load_search_index(bundle)
         # Indexes written before item ids were mapped inside them return catalog rows; translate those.
         self.row_ids = None if isinstance(self.index, faiss.IndexIDMap) else self.catalog.ids
         if self.index.ntotal != len(self.catalog):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import grpc
 
-from genrec.bundle import BundleError
+from genrec.core.bundle import BundleError
 
 
 class ServingError(Exception):

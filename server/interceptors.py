@@ -11,8 +11,8 @@ import time
 
 import grpc
 
-from server.errors import Unauthenticated, status_of
-from server.metrics import Metrics
+from genrec.server.errors import Unauthenticated, status_of
+from genrec.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 _PREFIX = "/genrec.v1."

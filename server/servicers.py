@@ -10,13 +10,13 @@ from importlib.metadata import PackageNotFoundError, version
 
 import grpc
 
-from server import validation
-from server.batching import Done, MicroBatcher
-from server.config import LimitsConfig
-from server.engine import Engine
-from server.protos import (common_pb2, embed_pb2, embed_pb2_grpc, info_pb2, info_pb2_grpc, recommend_pb2,
-                           recommend_pb2_grpc, search_pb2, search_pb2_grpc)
-from server.swap import EngineSlot
+from genrec.server import validation
+from genrec.server.batching import Done, MicroBatcher
+from genrec.server.config import LimitsConfig
+from genrec.server.engine import Engine
+from genrec.server.swap import EngineSlot
+from genrec.v1 import (common_pb2, embed_pb2, embed_pb2_grpc, info_pb2, info_pb2_grpc, recommend_pb2,
+                       recommend_pb2_grpc, search_pb2, search_pb2_grpc)
 
 _NO_DEADLINE = 1e9  # grpc reports "no deadline" as a huge time_remaining
 

@@ -11,8 +11,8 @@ import logging
 import threading
 from pathlib import Path
 
-from server.engine import Engine
-from server.metrics import Metrics
+from genrec.server.engine import Engine
+from genrec.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 

@@ -9,11 +9,11 @@ import math
 
 import numpy as np
 
-from server.config import LimitsConfig
-from models.embedder import EmbedInput
-from server.engine import EmbedQuery, Engine, RecommendQuery, Role, SearchQuery
-from server.errors import InvalidRequest, NotServed
-from server.protos import embed_pb2, recommend_pb2, search_pb2
+from genrec.models.embedder import EmbedInput
+from genrec.server.config import LimitsConfig
+from genrec.server.engine import EmbedQuery, Engine, RecommendQuery, Role, SearchQuery
+from genrec.server.errors import InvalidRequest, NotServed
+from genrec.v1 import embed_pb2, recommend_pb2, search_pb2
 
 _BEAM = recommend_pb2.DECODING_STRATEGY_BEAM
 _VED = recommend_pb2.DECODING_STRATEGY_VED

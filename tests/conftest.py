@@ -10,9 +10,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from genrec import synth  # noqa: E402
-from genrec.build import build_bundle  # noqa: E402
-from genrec.config import load_preset  # noqa: E402
+from genrec.core import synth  # noqa: E402
+from genrec.core.config import load_preset  # noqa: E402
+from genrec.training.build import build_bundle  # noqa: E402
 
 
 def run_cli(*args, check=True, **kw) -> subprocess.CompletedProcess:
@@ -46,7 +46,7 @@ def demo_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def demo_bundle(tmp_path_factory, demo_data) -> Path:
     """The demo bundle, built and trained with the demo preset (what `make serve` serves)."""
-    from training.sft import train_sft
+    from genrec.training.sft import train_sft
 
     out = tmp_path_factory.mktemp("bundles") / "demo"
     build_bundle(demo_data, out, load_preset("demo"), "demo", log=lambda *a: None)

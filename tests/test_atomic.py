@@ -1,6 +1,6 @@
 import pytest
 
-from genrec.atomic import atomic_dir, atomic_file
+from genrec.core.atomic import atomic_dir, atomic_file
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):

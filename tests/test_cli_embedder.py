@@ -6,10 +6,12 @@ import shutil
 
 import numpy as np
 
-from conftest import run_cli
-from genrec.bundle import Bundle, read_manifest
+from genrec.core.bundle import Bundle, read_manifest
+from genrec.models.loading import load_search_index
+from genrec.models.embedder import CONFIG_FILE
 from tests.tiny_backbones import save_tiny_qwen2
-from training.embedder import CONFIG_FILE
+
+from conftest import run_cli
 
 
 def test_index_build_swaps_the_structure_and_reports_recall(tmp_path, tiny_bundle):
@@ -22,7 +24,7 @@ def test_index_build_swaps_the_structure_and_reports_recall(tmp_path, tiny_bundl
     assert recall >= 0.9
     b = Bundle.load(bundle)
     assert b.manifest["version"] == version + 1 and b.preset.index.factory == "HNSW16"
-    index = b.index()
+    index = load_search_index(b)
     import faiss
 
     assert faiss.downcast_index(index.index).hnsw.efSearch == 64

@@ -4,8 +4,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from genrec import synth
-from genrec.data import DatasetError, eval_split, load_dataset, train_sequences, train_windows
+from genrec.core import synth
+from genrec.core.data import DatasetError, eval_split, load_dataset, train_sequences, train_windows
 
 
 def write(folder: Path, items: list[dict], lines: list[str]) -> Path:
@@ -37,7 +37,7 @@ def test_interactions_csv_is_sorted_by_time(tmp_path):
 
 def test_leave_one_out_splits_and_windows():
     seq = np.arange(30)
-    from genrec.data import Catalog, Dataset, Item
+    from genrec.core.data import Catalog, Dataset, Item
 
     cat = Catalog([Item(i, str(i), (), str(i)) for i in range(30)])
     ds = Dataset("x", cat, np.array([9]), [seq])

@@ -6,10 +6,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genrec.config import RecommenderConfig, SemanticIdConfig
-from models.decoding import Trie, beam_search, masked_log_softmax
-from models.recommender import Recommender
-from models.semantic_ids import PrefixTrie, build_semantic_ids
+from genrec.core.config import RecommenderConfig, SemanticIdConfig
+from genrec.models.decoding import Trie, beam_search, masked_log_softmax
+from genrec.models.recommender import Recommender
+from genrec.models.semantic_ids import PrefixTrie, build_semantic_ids
 
 N_ITEMS = 400
 
@@ -160,7 +160,7 @@ def test_a_narrow_beam_never_walks_into_excluded_items(setup):
 
 def test_samples_carry_their_prefix_states_and_log_probabilities(setup):
     """The sampler's cached states and running log-probabilities equal a teacher-forced pass over the same codes."""
-    from models.decoding import sample
+    from genrec.models.decoding import sample
 
     model, sid, trie = setup
     history = torch.tensor([[1, 2, 3], [-1, 4, 5]])

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.config import EmbedderConfig
-from models.embedder import Embedder, EmbedInput, pool
+from genrec.core.config import EmbedderConfig
+from genrec.models.embedder import Embedder, EmbedInput, pool
 from tests.tiny_backbones import save_tiny_qwen2, save_tiny_qwen2_vl
 
 TEXTS = ["lipstick red matte", "shampoo for dry hair with argan oil, a long description of it", "nail polish",
@@ -141,7 +141,7 @@ def test_truncation_cuts_the_text_never_the_prompt(qwen2):
 
 
 def test_onnx_backend_matches_torch(minilm, tmp_path):
-    from models.onnx_embedder import OnnxEmbedder, export_onnx
+    from genrec.models.onnx_embedder import OnnxEmbedder, export_onnx
 
     path = export_onnx(minilm, tmp_path / "embedder.onnx")
     onnx = OnnxEmbedder(minilm.cfg, path)
@@ -153,7 +153,7 @@ def test_onnx_backend_matches_torch(minilm, tmp_path):
 
 
 def test_onnx_export_refuses_decoder_backbones(qwen2, tmp_path):
-    from models.onnx_embedder import export_onnx
+    from genrec.models.onnx_embedder import export_onnx
 
     with pytest.raises(ValueError, match="ONNX export covers encoder backbones.*--backend torch"):
         export_onnx(qwen2, tmp_path / "x.onnx")

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from models.grpo import (EPS, combined_reward, exact_reward, group_advantages, k3_kl, policy_ratio_loss,
-                         ranking_reward, sibling_advantages)
+from genrec.models.grpo import (EPS, combined_reward, exact_reward, group_advantages, k3_kl, policy_ratio_loss,
+                                ranking_reward, sibling_advantages)
 
 
 def paths(*rows):

@@ -4,8 +4,8 @@ import faiss
 import numpy as np
 import pytest
 
-from genrec.config import IndexConfig
-from genrec.index import build_index, load_index, recall_against_exact, resolve_factory
+from genrec.core.config import IndexConfig
+from genrec.models.index import build_index, load_index, recall_against_exact, resolve_factory
 
 
 def clustered(n=4000, d=32, clusters=40, seed=0):

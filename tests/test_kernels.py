@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from kernels import constrained_topk, ved_scores
-from kernels.constrained_topk import constrained_topk_torch, constrained_topk_triton, masked_log_softmax
-from kernels.ved_scores import ved_scores_torch, ved_scores_triton
-from models.semantic_ids import PrefixTrie
+from genrec.kernels import constrained_topk, ved_scores
+from genrec.kernels.constrained_topk import constrained_topk_torch, constrained_topk_triton, masked_log_softmax
+from genrec.kernels.ved_scores import ved_scores_torch, ved_scores_triton
+from genrec.models.semantic_ids import PrefixTrie
 
 
 def csr(trie: PrefixTrie):

@@ -2,7 +2,7 @@ import math
 
 import numpy as np
 
-from genrec.metrics import hit_ranks, ranking_metrics
+from genrec.core.metrics import hit_ranks, ranking_metrics
 
 
 def test_hand_worked_example():

@@ -1,6 +1,6 @@
 import pytest
 
-from genrec.config import load_preset, preset_names
+from genrec.core.config import load_preset, preset_names
 
 
 @pytest.mark.parametrize("name", preset_names())

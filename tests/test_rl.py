@@ -9,20 +9,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from genrec.core.bundle import Bundle
+from genrec.core.config import RlConfig, VedConfig
+from genrec.models.loading import load_recommender, load_trie
+from genrec.models.value import ValueHead
+from genrec.training.loop import Dist
+from genrec.training.rl import candidate_paths, make_rollouts, rl_step
+
 from conftest import run_cli
-from genrec.bundle import Bundle
-from genrec.config import RlConfig, VedConfig
-from models.decoding import Trie
-from models.value import ValueHead
-from training.loop import Dist
-from training.rl import candidate_paths, make_rollouts, rl_step
 
 
 @pytest.fixture(scope="module")
 def setup(demo_bundle):
     bundle = Bundle.load(demo_bundle)
-    policy = bundle.recommender()
-    trie = Trie.from_prefix_trie(bundle.trie())
+    policy = load_recommender(bundle)
+    trie = load_trie(bundle)
     vectors = F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1)
     codes = torch.as_tensor(bundle.codes).long()
     g = torch.Generator().manual_seed(0)
@@ -40,7 +41,7 @@ def rollouts(setup, cfg, head):
 
 
 def _first_beam(policy, trie, history):
-    from models.decoding import beam_search
+    from genrec.models.decoding import beam_search
     return beam_search(policy, trie, history, 4, 4).items[:, 2]  # the third-ranked item: a hit below two misses
 
 

@@ -6,13 +6,13 @@ import json
 import numpy as np
 import torch
 
-from genrec.config import EmbedderConfig, EmbedderTrainConfig
-from genrec.data import load_dataset, train_sequences
-from models.embedder import Embedder
+from genrec.core.config import EmbedderConfig, EmbedderTrainConfig
+from genrec.core.data import load_dataset, train_sequences
+from genrec.evaluation import heldout_pairs, retrieval_ranks
+from genrec.models.embedder import CONFIG_FILE, Embedder, load_embedder_config
+from genrec.training.embedder import (ContrastiveModel, fill_batches, hard_clusters, hard_negatives_per_row,
+                                      nearest_positives, next_item_pairs, random_batches, train_embedder)
 from tests.tiny_backbones import save_tiny_qwen2
-from training.embedder import (CONFIG_FILE, ContrastiveModel, fill_batches, hard_clusters, hard_negatives_per_row,
-                               heldout_pairs, load_embedder_config, nearest_positives, next_item_pairs, random_batches,
-                               retrieval_ranks, train_embedder)
 
 
 def unit(x):

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from genrec.config import SemanticIdConfig
-from models.semantic_ids import PrefixTrie, build_semantic_ids
+from genrec.core.config import SemanticIdConfig
+from genrec.models.semantic_ids import PrefixTrie, build_semantic_ids
 
 
 def clustered(n=2000, dim=24, seed=0):

@@ -14,10 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from genrec.core.bundle import Bundle
+from genrec.core.data import load_dataset
+from genrec.evaluation import evaluate
+
 from conftest import run_cli
-from genrec.bundle import Bundle
-from genrec.data import load_dataset
-from genrec.evaluate import evaluate
 
 TRAIN = ["--max-epochs", "3", "--checkpoint-every", "5", "--eval-every", "3", "--batch-size", "32"]
 

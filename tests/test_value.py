@@ -6,8 +6,10 @@ import shutil
 
 import numpy as np
 
+from genrec.core.bundle import Bundle
+from genrec.models.loading import load_recommender, load_value_head
+
 from conftest import run_cli
-from genrec.bundle import Bundle
 
 
 def evals(run_dir):
@@ -28,8 +30,8 @@ def test_value_training_learns_and_resumes_exactly(tmp_path, demo_bundle, demo_d
     # Validation is measured, not assumed: the policy's rollouts hit sometimes, and V has a side for each.
     assert 0 < a[-1]["hit_rate"] < 1 and np.isfinite([a[-1]["value_hit"], a[-1]["value_miss"]]).all()
     assert 0 <= a[-1]["value_auc"] <= 1 and a[-1]["valid_td_loss"] > 0
-    head = Bundle.load(whole).value_head()
-    assert head.d_model == Bundle.load(whole).recommender().cfg.d_model
+    head = load_value_head(Bundle.load(whole))
+    assert head.d_model == load_recommender(Bundle.load(whole)).cfg.d_model
     assert (tmp_path / "r1" / "curves.png").stat().st_size > 0
 
 

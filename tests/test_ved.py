@@ -7,12 +7,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from genrec.config import RecommenderConfig, SemanticIdConfig, VedConfig
-from models.decoding import Trie, beam_search
-from models.recommender import Recommender
-from models.semantic_ids import PrefixTrie, build_semantic_ids
-from models.value import ValueHead, level_rewards, td_targets
-from models.ved import beam_budget, ved_decode
+from genrec.core.config import RecommenderConfig, SemanticIdConfig, VedConfig
+from genrec.models.decoding import Trie, beam_search
+from genrec.models.recommender import Recommender
+from genrec.models.semantic_ids import PrefixTrie, build_semantic_ids
+from genrec.models.value import ValueHead, level_rewards, td_targets
+from genrec.models.ved import beam_budget, ved_decode
 
 N_ITEMS = 300
 

@@ -30,13 +30,12 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from genrec.atomic import atomic_dir, atomic_file
-from genrec.config import EmbedderConfig, EmbedderTrainConfig
-from genrec.data import Dataset, load_dataset, train_sequences
-from training.loop import Dist, fit, init_distributed, metrics_from_ranks, run_summary
-
-CONFIG_FILE = "genrec_embedder.json"  # the prompt settings a tuned backbone was trained with, beside its weights
-
+from genrec.core.atomic import atomic_dir, atomic_file
+from genrec.core.config import EmbedderConfig, EmbedderTrainConfig
+from genrec.core.data import load_dataset, train_sequences
+from genrec.evaluation import evaluate_retrieval, heldout_pairs
+from genrec.models.embedder import CONFIG_FILE
+from genrec.training.loop import Dist, fit, init_distributed, run_summary
 
 def next_item_pairs(seqs: list[np.ndarray]) -> np.ndarray:
     """(P, 2) distinct (item, next item) catalog rows from training sequences, repeats of the same item skipped."""
@@ -45,42 +44,6 @@ def next_item_pairs(seqs: list[np.ndarray]) -> np.ndarray:
         raise ValueError("no training pairs: the sequences need at least two items each")
     p = np.unique(np.concatenate(pairs), axis=0)
     return p[p[:, 0] != p[:, 1]].astype(np.int64)
-
-
-def heldout_pairs(ds: Dataset, split: str) -> np.ndarray:
-    """(P, 2): (the item just before the held-out item of `split`, that held-out item), for users with >= 3 items."""
-    cut = {"valid": 2, "test": 1}[split]
-    rows = [(s[len(s) - cut - 1], s[len(s) - cut]) for s in ds.sequences if len(s) >= 3]
-    p = np.array(rows, dtype=np.int64).reshape(-1, 2)
-    return p[p[:, 0] != p[:, 1]]
-
-
-def retrieval_ranks(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """0-based rank of each pair's next item among all catalog documents for its query (the query item excluded);
-    ties count against the target."""
-    docs = torch.as_tensor(doc_vecs)
-    ranks = []
-    for s in range(0, len(pairs), chunk):
-        p = torch.as_tensor(pairs[s: s + chunk])
-        scores = torch.as_tensor(query_vecs)[p[:, 0]] @ docs.T  # (B, N)
-        scores[torch.arange(len(p)), p[:, 0]] = float("-inf")
-        target = scores.gather(1, p[:, 1:2])
-        ranks.append(((scores >= target).sum(1) - 1).numpy())
-    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
-
-
-def evaluate_retrieval(embedder, texts: list[str], pairs: np.ndarray, shard: tuple[int, int] = (0, 1),
-                       progress: bool = False) -> np.ndarray:
-    """Ranks for this shard of pairs: the whole catalog is embedded as documents, the shard's query items as
-    queries."""
-    pairs = np.array_split(pairs, shard[1])[shard[0]]
-    docs = embedder.encode(texts, "document", truncate=True, progress=progress)
-    if embedder.inputs.roles_alike:
-        return retrieval_ranks(docs, docs, pairs)
-    used = np.unique(pairs[:, 0])
-    queries = np.zeros_like(docs)
-    queries[used] = embedder.encode([texts[i] for i in used], "query", truncate=True, progress=progress)
-    return retrieval_ranks(queries, docs, pairs)
 
 
 def pair_keys(queries, positives, n_items: int) -> np.ndarray:
@@ -271,20 +234,12 @@ def gather_batch(pairs: torch.Tensor, docs: torch.Tensor) -> tuple[torch.Tensor,
     return torch.cat(every), all_docs, sum(sizes[:rank])
 
 
-def load_embedder_config(backbone: str | Path, base: EmbedderConfig | None = None) -> EmbedderConfig:
-    """The embedder config for `backbone`: a tuned backbone's own prompt settings (its CONFIG_FILE) over `base`."""
-    base = base or EmbedderConfig()
-    saved = Path(backbone) / CONFIG_FILE
-    extra = json.loads(saved.read_text()) if saved.exists() else {}
-    return EmbedderConfig.model_validate({**base.model_dump(), **extra, "backbone": str(backbone)})
-
-
 def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConfig, cfg: EmbedderTrainConfig,
                    run_dir: str | Path | None = None, resume: bool = False, max_steps: int | None = None,
                    log=print) -> dict:
     """Fine-tune the embedder on the dataset's item-to-next-item pairs; writes the best backbone to `out` (a model
     directory for `genrec build --backbone`)."""
-    from models.embedder import Embedder
+    from genrec.models.embedder import Embedder
 
     d = init_distributed()
     ds = load_dataset(data)
@@ -357,19 +312,3 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
             f"{best.get('ndcg@10', float('nan')):.4f} at step {st.best_step}; {st.step} steps in "
             f"{st.elapsed / 60:.1f} min; backbone written to {out}")
     return summary
-
-
-def eval_embedder(data: str | Path, embedder_cfg: EmbedderConfig, split: str = "test", log=print) -> dict:
-    from models.embedder import Embedder
-
-    if split not in ("valid", "test"):
-        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
-    ds = load_dataset(data)
-    texts = [it.text for it in ds.catalog.items]
-    pairs = heldout_pairs(ds, split)
-    ranks = evaluate_retrieval(Embedder(embedder_cfg), texts, pairs, progress=True)
-    result = {"split": split, "pairs": int(len(pairs)), "items": len(texts), **metrics_from_ranks(ranks),
-              "embedder": embedder_cfg.model_dump()}
-    log(f"{split}: {len(pairs)} pairs over {len(texts)} items: recall@10 {result['recall@10']:.4f} "
-        f"ndcg@10 {result['ndcg@10']:.4f}")
-    return result

@@ -25,9 +25,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from genrec.atomic import atomic_path
-from genrec.config import TrainConfig
-from genrec.metrics import ndcg_at, recall_at
+from genrec.core.atomic import atomic_path
+from genrec.core.config import TrainConfig
+from genrec.core.metrics import metrics_from_ranks
 
 
 @dataclass
@@ -85,10 +85,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def metrics_from_ranks(ranks: np.ndarray) -> dict[str, float]:
-    return {f"{m}@{k}": f(ranks, k) for k in (5, 10) for m, f in (("recall", recall_at), ("ndcg", ndcg_at))}
 
 
 def gather_ranks(ranks: np.ndarray, d: Dist) -> np.ndarray:

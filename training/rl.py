@@ -31,18 +31,19 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from genrec.atomic import atomic_file, atomic_path
-from genrec.bundle import Bundle, update_bundle
-from genrec.config import RlConfig, VedConfig, load_preset
-from genrec.data import eval_split, load_dataset, train_pairs, train_sequences
-from genrec.evaluate import recommender_ranks
-from models.decoding import Trie, beam_search, sample
-from models.grpo import combined_reward, group_advantages, k3_kl, policy_ratio_loss, sibling_advantages
-from models.recommender import Recommender
-from models.value import ValueHead, level_rewards, td_targets
-from models.ved import ved_decode
-from training.loop import (Dist, gather_ranks, init_distributed, load_checkpoint, metrics_from_ranks,
-                           plot_curves, save_weights, track_best)
+from genrec.core.atomic import atomic_file, atomic_path
+from genrec.core.bundle import Bundle, update_bundle
+from genrec.core.config import RlConfig, VedConfig, load_preset
+from genrec.core.data import eval_split, load_dataset, train_pairs, train_sequences
+from genrec.evaluation import recommender_ranks
+from genrec.models.decoding import Trie, beam_search, sample
+from genrec.models.grpo import combined_reward, group_advantages, k3_kl, policy_ratio_loss, sibling_advantages
+from genrec.models.loading import load_recommender, load_trie, load_value_head
+from genrec.models.recommender import Recommender
+from genrec.models.value import ValueHead, level_rewards, td_targets
+from genrec.models.ved import ved_decode
+from genrec.training.loop import (Dist, gather_ranks, init_distributed, load_checkpoint, metrics_from_ranks,
+                                  plot_curves, save_weights, track_best)
 
 
 @dataclass
@@ -213,12 +214,12 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "rl")
     run_dir.mkdir(parents=True, exist_ok=True)
 
-    policy = bundle.recommender()  # eval mode: no dropout, so the first pass's importance ratio is exactly 1
+    policy = load_recommender(bundle)  # eval mode: no dropout, so the first pass's importance ratio is exactly 1
     reference = copy.deepcopy(policy).requires_grad_(False)
     torch.manual_seed(cfg.seed)
-    value_head = bundle.value_head() if bundle.has("value.safetensors") else ValueHead(policy.cfg.d_model)
+    value_head = load_value_head(bundle) if bundle.has("value.safetensors") else ValueHead(policy.cfg.d_model)
     value_head.eval()
-    trie = Trie.from_prefix_trie(bundle.trie())
+    trie = load_trie(bundle)
     codes = torch.as_tensor(bundle.codes).long()
     vectors = F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1)
     pairs = train_pairs(train_sequences(ds), policy.cfg.max_history)

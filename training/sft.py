@@ -11,14 +11,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from genrec.bundle import Bundle, update_bundle
-from genrec.config import Preset, TrainConfig, load_preset
-from genrec.data import eval_split, load_dataset, train_sequences, train_windows
-from genrec.evaluate import recommender_ranks, sasrec_ranks
-from models.decoding import Trie
-from models.recommender import Recommender
-from models.sasrec import SASRec
-from training.loop import fit, init_distributed, run_summary
+from genrec.core.bundle import Bundle, update_bundle
+from genrec.core.config import Preset, TrainConfig, load_preset
+from genrec.core.data import eval_split, load_dataset, train_sequences, train_windows
+from genrec.evaluation import recommender_ranks, sasrec_ranks
+from genrec.models.loading import load_trie, prefix_trie
+from genrec.models.recommender import Recommender
+from genrec.models.sasrec import SASRec
+from genrec.training.loop import fit, init_distributed, run_summary
 
 
 def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None):
@@ -42,10 +42,10 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
     if d.main:
         log(f"sft: {len(windows)} training windows, {len(valid.targets)} validation users, run dir {run_dir}")
     torch.manual_seed(cfg.seed)
-    prefix_trie = bundle.trie()
+    prefix = prefix_trie(bundle)
     model = Recommender(preset.recommender, bundle.vocab_sizes, torch.as_tensor(bundle.codes),
-                        torch.as_tensor(prefix_trie.child))
-    trie = Trie.from_prefix_trie(prefix_trie)
+                        torch.as_tensor(prefix.child))
+    trie = load_trie(bundle, prefix=prefix)
     st = fit(model, windows, lambda m, dd: recommender_ranks(m, trie, valid, cfg.beam_width, (dd.rank, dd.world)),
              cfg, run_dir, resume=resume, d=d, max_steps=max_steps, desc="sft")
     summary = run_summary(st, cfg, windows=int(len(windows)))

@@ -19,14 +19,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from genrec.atomic import atomic_file, atomic_path
-from genrec.bundle import Bundle, update_bundle
-from genrec.config import ValueConfig, load_preset
-from genrec.data import eval_split, load_dataset, train_sequences, train_windows
-from models.decoding import Trie, sample
-from models.recommender import Recommender
-from models.value import ValueHead, level_rewards, td_targets
-from training.loop import load_checkpoint, plot_curves
+from genrec.core.atomic import atomic_file, atomic_path
+from genrec.core.bundle import Bundle, update_bundle
+from genrec.core.config import ValueConfig, load_preset
+from genrec.core.data import eval_split, load_dataset, train_sequences, train_windows
+from genrec.models.decoding import Trie, sample
+from genrec.models.loading import load_recommender, load_trie
+from genrec.models.recommender import Recommender
+from genrec.models.value import ValueHead, level_rewards, td_targets
+from genrec.training.loop import load_checkpoint, plot_curves
 
 
 class RolloutScorer:
@@ -97,10 +98,10 @@ def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | No
     bundle.check_catalog(ds)
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "value")
     run_dir.mkdir(parents=True, exist_ok=True)
-    policy = bundle.recommender()
+    policy = load_recommender(bundle)
     for p in policy.parameters():
         p.requires_grad_(False)
-    scorer = RolloutScorer(policy, Trie.from_prefix_trie(bundle.trie()), bundle.item_vectors, bundle.codes, cfg)
+    scorer = RolloutScorer(policy, load_trie(bundle), bundle.item_vectors, bundle.codes, cfg)
 
     # One (history, next item) pair per training window: its most recent target.
     windows = train_windows(train_sequences(ds), policy.cfg.max_history)

@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from genrec.bundle import Bundle, update_bundle
-from server.config import LimitsConfig
+from genrec.core.bundle import Bundle, update_bundle
+from genrec.models.loading import load_recommender
+from genrec.server.config import LimitsConfig
+
 from serverutil import running
 
 # Small limits, so the oversized-input tests send small messages.
@@ -25,8 +27,8 @@ LIMITS = LimitsConfig(max_k=50, max_beam_width=64, max_history_items=200, max_in
 def served_bundle(tmp_path_factory, tiny_bundle, tiny_data) -> Path:
     """The tiny bundle with a recommender and a value head trained for a few steps (a copy: tiny_bundle itself
     stays untrained)."""
-    from training.sft import train_sft
-    from training.value import train_value
+    from genrec.training.sft import train_sft
+    from genrec.training.value import train_value
 
     out = tmp_path_factory.mktemp("served") / "tiny"
     shutil.copytree(tiny_bundle, out)
@@ -43,7 +45,7 @@ def second_bundle(tmp_path_factory, served_bundle) -> Path:
     """Another version of served_bundle: same catalog, different recommender weights, so answers and ids differ."""
     out = tmp_path_factory.mktemp("served2") / "tiny"
     shutil.copytree(served_bundle, out)
-    model = Bundle.load(out).recommender()
+    model = load_recommender(Bundle.load(out))
     gen = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.parameters():

@@ -10,9 +10,9 @@ from typing import Iterator
 
 import grpc
 
-from server.app import GenrecServer, create_server
-from server.client import Stubs, open_channel
-from server.config import ServerConfig
+from genrec.server.app import GenrecServer, create_server
+from genrec.server.client import Stubs, open_channel
+from genrec.server.config import ServerConfig
 
 
 @dataclass

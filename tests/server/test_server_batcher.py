@@ -10,10 +10,11 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from server.batching import MicroBatcher, grouped
-from server.config import BatchingConfig
-from server.errors import Cancelled, DeadlineExpired, Overloaded, Unavailable
-from server.metrics import Metrics
+from genrec.server.batching import MicroBatcher, grouped
+from genrec.server.config import BatchingConfig
+from genrec.server.errors import Cancelled, DeadlineExpired, Overloaded, Unavailable
+from genrec.server.metrics import Metrics
+
 from serverutil import wait_for
 
 

@@ -13,9 +13,10 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from genrec.bundle import Bundle
-from server.config import BatchingConfig
-from server.protos import embed_pb2, info_pb2, recommend_pb2, search_pb2
+from genrec.core.bundle import Bundle
+from genrec.server.config import BatchingConfig
+from genrec.v1 import embed_pb2, info_pb2, recommend_pb2, search_pb2
+
 from serverutil import running, wait_for
 
 pytest_plugins = ["serverfixtures"]

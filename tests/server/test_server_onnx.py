@@ -7,8 +7,9 @@ import shutil
 import numpy as np
 import pytest
 
+from genrec.v1 import embed_pb2, search_pb2
+
 from conftest import run_cli
-from server.protos import embed_pb2, search_pb2
 from serverutil import running
 
 pytest_plugins = ["serverfixtures"]
@@ -28,7 +29,7 @@ def test_onnx_backend_serves_what_torch_serves(tmp_path, served_bundle):
     with running(bundle) as r:
         want = embed(r, TEXTS)
         hits = r.stubs.search.Search(search_pb2.SearchRequest(text="lipstick", k=5), timeout=30).items
-    from genrec.bundle import BundleError
+    from genrec.core.bundle import BundleError
 
     with pytest.raises(BundleError, match="embedder export-onnx"):
         with running(bundle, backend="onnx"):

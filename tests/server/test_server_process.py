@@ -15,19 +15,20 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from genrec.bundle import Bundle, update_bundle
-from server.client import Stubs, open_channel
-from server.protos import info_pb2, recommend_pb2
+from genrec.core.bundle import Bundle, update_bundle
+from genrec.server.client import Stubs, open_channel
+from genrec.v1 import info_pb2, recommend_pb2
+
 from serverutil import wait_for
 
 pytest_plugins = ["serverfixtures"]
 
 
 class Process:
-    """`python -m server ...` with its stderr collected on a thread (so the pipe never fills)."""
+    """`python -m genrec.server ...` with its stderr collected on a thread (so the pipe never fills)."""
 
     def __init__(self, *args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "server", *map(str, args)], stderr=subprocess.PIPE,
+        self.proc = subprocess.Popen([sys.executable, "-m", "genrec.server", *map(str, args)], stderr=subprocess.PIPE,
                                      text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.lines: list[str] = []
         threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()

@@ -8,7 +8,7 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from server.cli import query_app, serve
+from genrec.server.cli import query_app, serve
 
 pytest_plugins = ["serverfixtures"]
 

@@ -12,10 +12,12 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from genrec.bundle import Bundle
-from models.decoding import Trie, beam_search
-from models.ved import ved_decode
-from server.protos import SERVICE_NAMES, embed_pb2, info_pb2, recommend_pb2, search_pb2
+from genrec.core.bundle import Bundle
+from genrec.models.decoding import beam_search
+from genrec.models.loading import load_recommender, load_trie, load_value_head
+from genrec.models.ved import ved_decode
+from genrec.server.app import SERVICE_NAMES
+from genrec.v1 import embed_pb2, info_pb2, recommend_pb2, search_pb2
 
 pytest_plugins = ["serverfixtures"]
 
@@ -27,7 +29,7 @@ def bundle(served_bundle):
 
 def direct_beam(bundle, history_ids, k, beam_width, exclude_seen=False):
     """The reference: beam search on the bundle's model, one request alone."""
-    model, trie = bundle.recommender(), Trie.from_prefix_trie(bundle.trie())
+    model, trie = load_recommender(bundle), load_trie(bundle)
     rows = torch.as_tensor(bundle.catalog.rows(history_ids))
     hist = rows[-model.cfg.max_history:][None]
     exclude = None
@@ -56,9 +58,9 @@ def test_recommend_with_ved_matches_direct_ved(shared_server, bundle):
     req = recommend_pb2.RecommendRequest(history=ids, k=6, decoding=recommend_pb2.Decoding(
         strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=4, budget=17))
     resp = shared_server.stubs.recommend.Recommend(req, timeout=30)
-    model, trie = bundle.recommender(), Trie.from_prefix_trie(bundle.trie())
+    model, trie = load_recommender(bundle), load_trie(bundle)
     hist = torch.as_tensor(bundle.catalog.rows(ids))[-model.cfg.max_history:][None]
-    want = ved_decode(model, bundle.value_head(), trie, hist, 6, 4, 17, bundle.preset.ved)
+    want = ved_decode(model, load_value_head(bundle), trie, hist, 6, 4, 17, bundle.preset.ved)
     assert want.forwards.item() <= 17
     keep = want.items[0] >= 0
     assert [it.item_id for it in resp.items] == bundle.catalog.ids[want.items[0][keep].numpy()].tolist()

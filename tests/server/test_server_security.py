@@ -10,10 +10,11 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.app import create_server
-from server.client import Stubs, open_channel
-from server.config import LimitsConfig
-from server.protos import info_pb2
+from genrec.server.app import create_server
+from genrec.server.client import Stubs, open_channel
+from genrec.server.config import LimitsConfig
+from genrec.v1 import info_pb2
+
 from serverutil import config_for
 
 pytest_plugins = ["serverfixtures"]

@@ -5,8 +5,9 @@ from __future__ import annotations
 import grpc
 import pytest
 
+from genrec.v1 import embed_pb2, recommend_pb2, search_pb2
+
 from serverfixtures import LIMITS
-from server.protos import embed_pb2, recommend_pb2, search_pb2
 
 pytest_plugins = ["serverfixtures"]
 

@@ -8,11 +8,12 @@ import grpc
 import numpy as np
 import pytest
 
-from genrec.build import build_bundle
-from genrec.config import load_preset
-from server.protos import embed_pb2, info_pb2, search_pb2
-from serverutil import running
+from genrec.core.config import load_preset
+from genrec.training.build import build_bundle
+from genrec.v1 import embed_pb2, info_pb2, search_pb2
 from tests.tiny_backbones import save_tiny_qwen2_vl
+
+from serverutil import running
 
 pytest_plugins = ["serverfixtures"]
 

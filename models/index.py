@@ -13,7 +13,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from genrec.config import IndexConfig
+from genrec.core.config import IndexConfig
 
 AUTO_EXACT_UP_TO = 100_000
 

@@ -19,16 +19,16 @@ import os
 import platform
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from genrec import __version__
-from genrec.atomic import atomic_dir
-from genrec.config import Preset
-from genrec.data import Catalog, Item
+from genrec.core.atomic import atomic_dir
+from genrec.core.config import Preset
+from genrec.core.data import Catalog, Item
 
 FORMAT_VERSION = 1
 
@@ -132,7 +132,8 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 @dataclass
 class Bundle:
-    """A loaded bundle: catalog, vectors, semantic IDs and the preset; models load on demand."""
+    """A loaded bundle: catalog, vectors, semantic IDs and the preset. The models it holds are built from its files
+    by genrec.models.loading (this layer knows no model code)."""
 
     path: Path
     manifest: dict
@@ -141,7 +142,6 @@ class Bundle:
     codes: np.ndarray
     codebooks: np.ndarray
     vocab_sizes: tuple[int, ...]
-    _trie: object = field(default=None, repr=False, compare=False)
 
     @property
     def preset(self) -> Preset:
@@ -171,37 +171,3 @@ class Bundle:
         if not np.array_equal(ds.catalog.ids, self.catalog.ids):
             raise BundleError(f"dataset {ds.name} does not hold the catalog of bundle {self.path}: use the dataset "
                               "the bundle was built from, or rebuild the bundle with `genrec build`")
-
-    def recommender(self, device: str = "cpu"):
-        import torch
-
-        from models.recommender import Recommender
-
-        if not self.has("recommender.safetensors"):
-            raise BundleError(f"{self.path} has no recommender yet: run "
-                              f"`genrec train sft --bundle {self.path} --data DATASET`")
-        return Recommender.load(self.path / "recommender.safetensors", torch.as_tensor(self.codes),
-                                torch.as_tensor(self.trie().child), device)
-
-    def value_head(self, device: str = "cpu"):
-        from models.value import ValueHead
-
-        if not self.has("value.safetensors"):
-            raise BundleError(f"{self.path} has no value head: run `genrec train value --bundle {self.path} "
-                              "--data DATASET` (VED decoding and RL need it)")
-        return ValueHead.load(self.path / "value.safetensors", device)
-
-    def trie(self):
-        """The prefix trie of the bundle's semantic IDs (built once per Bundle object)."""
-        from models.semantic_ids import PrefixTrie
-
-        if self._trie is None:
-            self._trie = PrefixTrie(self.codes, self.vocab_sizes)
-        return self._trie
-
-    def index(self):
-        """The FAISS index with the preset's search parameters (search returns item ids; bundles written before the
-        id map return catalog rows, see Engine)."""
-        from genrec.index import load_index
-
-        return load_index(self.path / "index.faiss", self.preset.index)

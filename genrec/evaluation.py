@@ -13,16 +13,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from genrec.atomic import atomic_file
-from genrec.bundle import Bundle
-from genrec.data import SPLIT_CUT, Dataset, Split, eval_split, popularity
-from genrec.metrics import hit_ranks, ranking_metrics
-from genrec.config import VedConfig
-from models.decoding import Trie, beam_search
-from models.recommender import Recommender
-from models.sasrec import SASRec
-from models.value import ValueHead
-from models.ved import beam_budget, ved_decode
+from genrec.core.atomic import atomic_file
+from genrec.core.bundle import Bundle
+from genrec.core.config import EmbedderConfig, VedConfig
+from genrec.core.data import SPLIT_CUT, Dataset, Split, eval_split, load_dataset, popularity
+from genrec.core.metrics import hit_ranks, metrics_from_ranks, ranking_metrics
+from genrec.models.decoding import Trie, beam_search
+from genrec.models.embedder import Embedder
+from genrec.models.loading import SASREC_FILE, load_recommender, load_sasrec, load_trie, load_value_head
+from genrec.models.recommender import Recommender
+from genrec.models.sasrec import SASRec
+from genrec.models.value import ValueHead
+from genrec.models.ved import beam_budget, ved_decode
 
 
 @torch.no_grad()
@@ -97,9 +99,9 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
     bundle.check_catalog(ds)
     split = eval_split(ds, split_name)
     item_ids = bundle.catalog.ids
-    model = bundle.recommender()
-    trie = Trie.from_prefix_trie(bundle.trie())
-    value_head = bundle.value_head() if decoding == "ved" else None
+    model = load_recommender(bundle)
+    trie = load_trie(bundle)
+    value_head = load_value_head(bundle) if decoding == "ved" else None
     budget = budget or beam_budget(trie.depth, beam_width)
     results: dict = {"split": split_name, "users": int(len(split.targets)), "items": len(bundle.catalog),
                      "decoding": decoding, "beam_width": beam_width, "budget": budget, "k": k}
@@ -122,8 +124,8 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
     counts = popularity(seen, len(bundle.catalog))
     pop_top = np.argsort(-counts, kind="stable")[:k]
     baselines = {"popularity": ranking_metrics(np.tile(pop_top, (len(split.targets), 1)), split.targets)}
-    if bundle.has("baselines/sasrec.safetensors"):
-        sas = SASRec.load(bundle.path / "baselines/sasrec.safetensors")
+    if bundle.has(SASREC_FILE):
+        sas = load_sasrec(bundle)
         baselines["sasrec"] = ranking_metrics(sasrec_topk(sas, split.histories, k), split.targets)
     results["baselines"] = baselines
     for name, m in [("genrec", metrics), *baselines.items()]:
@@ -132,3 +134,54 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
         f"{results['users_per_second']} users/s")
     return results
 
+
+# Item-to-next-item retrieval: the embedder's task (genrec embedder eval, and validation of genrec train embedder).
+
+def heldout_pairs(ds: Dataset, split: str) -> np.ndarray:
+    """(P, 2): (the item just before the held-out item of `split`, that held-out item), for users with >= 3 items."""
+    cut = {"valid": 2, "test": 1}[split]
+    rows = [(s[len(s) - cut - 1], s[len(s) - cut]) for s in ds.sequences if len(s) >= 3]
+    p = np.array(rows, dtype=np.int64).reshape(-1, 2)
+    return p[p[:, 0] != p[:, 1]]
+
+
+def retrieval_ranks(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """0-based rank of each pair's next item among all catalog documents for its query (the query item excluded);
+    ties count against the target."""
+    docs = torch.as_tensor(doc_vecs)
+    ranks = []
+    for s in range(0, len(pairs), chunk):
+        p = torch.as_tensor(pairs[s: s + chunk])
+        scores = torch.as_tensor(query_vecs)[p[:, 0]] @ docs.T  # (B, N)
+        scores[torch.arange(len(p)), p[:, 0]] = float("-inf")
+        target = scores.gather(1, p[:, 1:2])
+        ranks.append(((scores >= target).sum(1) - 1).numpy())
+    return np.concatenate(ranks) if ranks else np.zeros(0, dtype=np.int64)
+
+
+def evaluate_retrieval(embedder, texts: list[str], pairs: np.ndarray, shard: tuple[int, int] = (0, 1),
+                       progress: bool = False) -> np.ndarray:
+    """Ranks for this shard of pairs: the whole catalog is embedded as documents, the shard's query items as
+    queries."""
+    pairs = np.array_split(pairs, shard[1])[shard[0]]
+    docs = embedder.encode(texts, "document", truncate=True, progress=progress)
+    if embedder.inputs.roles_alike:
+        return retrieval_ranks(docs, docs, pairs)
+    used = np.unique(pairs[:, 0])
+    queries = np.zeros_like(docs)
+    queries[used] = embedder.encode([texts[i] for i in used], "query", truncate=True, progress=progress)
+    return retrieval_ranks(queries, docs, pairs)
+
+
+def eval_embedder(data: str | Path, embedder_cfg: EmbedderConfig, split: str = "test", log=print) -> dict:
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    ds = load_dataset(data)
+    texts = [it.text for it in ds.catalog.items]
+    pairs = heldout_pairs(ds, split)
+    ranks = evaluate_retrieval(Embedder(embedder_cfg), texts, pairs, progress=True)
+    result = {"split": split, "pairs": int(len(pairs)), "items": len(texts), **metrics_from_ranks(ranks),
+              "embedder": embedder_cfg.model_dump()}
+    log(f"{split}: {len(pairs)} pairs over {len(texts)} items: recall@10 {result['recall@10']:.4f} "
+        f"ndcg@10 {result['ndcg@10']:.4f}")
+    return result

@@ -25,10 +25,11 @@ def ndcg_at(ranks: np.ndarray, k: int) -> float:
     return float(np.where(hit, 1.0 / np.log2(np.clip(ranks, 0, None) + 2.0), 0.0).mean())
 
 
+def metrics_from_ranks(ranks: np.ndarray, ks=(5, 10)) -> dict[str, float]:
+    """Recall and NDCG at each k from 0-based target ranks (-1 = miss)."""
+    return {f"{m}@{k}": f(ranks, k) for k in ks for m, f in (("recall", recall_at), ("ndcg", ndcg_at))}
+
+
 def ranking_metrics(topk: np.ndarray, targets: np.ndarray, ks=(5, 10)) -> dict[str, float]:
-    ranks = hit_ranks(topk, targets)
-    out = {}
-    for k in ks:
-        out[f"recall@{k}"] = recall_at(ranks, k)
-        out[f"ndcg@{k}"] = ndcg_at(ranks, k)
-    return out
+    """Recall and NDCG at each k of ranked lists (N, K) against one target per row."""
+    return metrics_from_ranks(hit_ranks(topk, targets), ks)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from genrec.atomic import atomic_file
+from genrec.core.atomic import atomic_file
 
 TREE = {
     "Makeup": {"Lipstick": "lip colour stick", "Mascara": "lash mascara volume", "Foundation": "liquid foundation cover",

@@ -8,12 +8,12 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from genrec.bundle import write_bundle, write_catalog
-from genrec.config import Preset
-from genrec.data import load_dataset
-from genrec.index import build_index, resolve_factory
-from models.embedder import Embedder
-from models.semantic_ids import PrefixTrie, build_semantic_ids
+from genrec.core.bundle import write_bundle, write_catalog
+from genrec.core.config import Preset
+from genrec.core.data import load_dataset
+from genrec.models.embedder import Embedder
+from genrec.models.index import build_index, resolve_factory
+from genrec.models.semantic_ids import PrefixTrie, build_semantic_ids
 
 
 def _save_npz(path: Path, **arrays) -> None:

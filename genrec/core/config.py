@@ -231,7 +231,7 @@ class Preset(Frozen):
 
 
 def preset_names() -> list[str]:
-    return sorted(p.name.removesuffix(".yaml") for p in resources.files("genrec.presets").iterdir()
+    return sorted(p.name.removesuffix(".yaml") for p in resources.files("genrec.core.presets").iterdir()
                   if p.name.endswith(".yaml"))
 
 
@@ -241,7 +241,7 @@ def load_preset(name_or_path: str) -> Preset:
     if path.suffix in (".yaml", ".yml") and path.exists():
         text = path.read_text()
     elif name_or_path in preset_names():
-        text = resources.files("genrec.presets").joinpath(f"{name_or_path}.yaml").read_text()
+        text = resources.files("genrec.core.presets").joinpath(f"{name_or_path}.yaml").read_text()
     else:
         raise ValueError(f"unknown preset {name_or_path!r}: use one of {preset_names()} or a path to a YAML file")
     try:
