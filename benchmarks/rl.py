@@ -22,7 +22,7 @@ from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.data import load_dataset
 from genrec.evaluation import evaluate
 from genrec.models.loading import load_recommender
-from genrec.training.loop import load_checkpoint
+from genrec.training.loop import read_checkpoint
 from genrec.training.rl import train_rl
 
 VARIANTS = {
@@ -70,7 +70,7 @@ def main():
                    "steps": summary["steps"], "best_step": summary["best_step"], "valid": summary["valid"],
                    "valid_sft": summary["valid_sft"], "wall_minutes": round((time.time() - t0) / 60, 1),
                    "config": summary["config"]}
-            last = load_checkpoint(run_dir / "checkpoint.pt")["policy"]
+            last = read_checkpoint(run_dir)[0]["policy"]
             policy = load_recommender(Bundle.load(copy))
             policy.load_state_dict(last)
             update_bundle(copy, {"recommender.safetensors": policy.save})

@@ -140,7 +140,7 @@ def train_value(
     data: Data,
     preset: Annotated[Optional[str], typer.Option(help="preset for the recipe (default: the bundle's)")] = None,
     run_dir: Annotated[Optional[Path], typer.Option(help="checkpoints and curves (default runs/BUNDLE/value)")] = None,
-    resume: Annotated[bool, typer.Option(help="continue from the last finished epoch in --run-dir")] = False,
+    resume: Annotated[bool, typer.Option(help="continue exactly where the run in --run-dir stopped")] = False,
     max_minutes: Annotated[Optional[float], typer.Option(min=0.01, help="wall-time budget in minutes")] = None,
     max_epochs: Annotated[Optional[int], typer.Option(min=1, help="epoch limit")] = None,
     rollouts: Annotated[Optional[int], typer.Option(min=1, max=256, help="policy samples per pair")] = None,

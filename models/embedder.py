@@ -167,6 +167,8 @@ class PromptTokenizer:
         """labels name the inputs in errors (default 'input i')."""
         inputs = as_inputs(inputs)
         labels = labels or [f"input {i}" for i in range(len(inputs))]
+        texts = [x.text for x in inputs if x.text.strip()]
+        ids = iter(self.tok(texts, add_special_tokens=False).input_ids if texts else [])  # one call for the batch
         rows, pixels, grids = [], [], []
         for x, at in zip(inputs, labels):
             pre, post = self.pieces(role, bool(x.image))
@@ -181,7 +183,7 @@ class PromptTokenizer:
                 vision = [self.vision[0]] + [self.image_pad] * n + [self.vision[1]]
                 pixels.append(out["pixel_values"])
                 grids.append(grid)
-            text = self.tok(x.text, add_special_tokens=False).input_ids if x.text.strip() else []
+            text = next(ids) if x.text.strip() else []
             room = self.cfg.max_length - len(pre) - len(post)
             if room < 1:
                 raise ValueError(f"special tokens and prompt alone take {len(pre) + len(post)} tokens, the limit is "

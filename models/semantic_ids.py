@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import faiss
 import numpy as np
+from scipy.optimize import linear_sum_assignment
 
 from genrec.core.config import SemanticIdConfig
 
@@ -40,20 +41,13 @@ class SemanticIds:
         }
 
 
-def _unique_assign(residual: np.ndarray, centroids: np.ndarray) -> np.ndarray:
-    """Greedy one-to-one matching of n <= K items to their nearest free centroids (closest pairs first)."""
+def unique_assign(residual: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """One-to-one assignment of n <= K items to centroids with the least total squared distance (exact: the
+    Hungarian method, milliseconds for K = 256)."""
     d = ((residual[:, None, :] - centroids[None, :, :]) ** 2).sum(-1)  # (n, K)
-    order = np.argsort(d, axis=None, kind="stable")
-    item_of, code_of = np.unravel_index(order, d.shape)
-    assigned = np.full(len(residual), -1)
-    taken = np.zeros(len(centroids), dtype=bool)
-    left = len(residual)
-    for i, c in zip(item_of, code_of):
-        if assigned[i] < 0 and not taken[c]:
-            assigned[i], taken[c] = c, True
-            left -= 1
-            if left == 0:
-                break
+    rows, cols = linear_sum_assignment(d)
+    assigned = np.empty(len(residual), dtype=np.int64)
+    assigned[rows] = cols
     return assigned
 
 
@@ -81,7 +75,7 @@ def build_semantic_ids(vectors: np.ndarray, cfg: SemanticIdConfig, verbose: bool
             for g in np.unique(group_of):
                 members = np.flatnonzero(group_of == g)
                 if len(members) > 1 and len(members) <= k:
-                    assign[members] = _unique_assign(residual[members], centroids)
+                    assign[members] = unique_assign(residual[members], centroids)
         codes[:, level] = assign
         codebooks[level] = centroids
         residual -= centroids[assign]

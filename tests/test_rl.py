@@ -13,7 +13,7 @@ from genrec.core.bundle import Bundle
 from genrec.core.config import RlConfig, VedConfig
 from genrec.models.loading import load_recommender, load_trie
 from genrec.models.value import ValueHead
-from genrec.training.loop import Dist
+from genrec.training.loop import Dist, read_checkpoint
 from genrec.training.rl import candidate_paths, make_rollouts, rl_step
 
 from conftest import run_cli
@@ -105,7 +105,7 @@ def test_train_rl_resumes_exactly_and_writes_the_bundle(tmp_path, demo_bundle, d
     run_cli("train", "rl", "--bundle", split, "--run-dir", tmp_path / "r2", "--max-steps", "4", "--resume", *common)
     a, b = evals(tmp_path / "r1"), evals(tmp_path / "r2")
     assert [r["step"] for r in a] == [0, 2, 4] and a == b
-    ck1, ck2 = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in ("r1", "r2"))
+    ck1, ck2 = (read_checkpoint(tmp_path / r)[0] for r in ("r1", "r2"))
     for name, p in ck1["policy"].items():
         assert torch.equal(p, ck2["policy"][name]), name
     manifest = Bundle.load(whole).manifest
@@ -147,11 +147,14 @@ def test_two_ranks_train_like_one(tmp_path, demo_bundle, demo_data):
                            exe, *args, "--bundle", str(two), "--run-dir", str(tmp_path / "r2")],
                           capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = evals(tmp_path / "r1"), evals(tmp_path / "r2")
+    b = evals(tmp_path / "r2")
     assert [r["users"] for r in b] == [200, 200]  # the ranks' validation shards cover every user once
-    ck1, ck2 = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in ("r1", "r2"))
+    ck1, ck2 = (read_checkpoint(tmp_path / r)[0] for r in ("r1", "r2"))
     moved = 0.0
     for name, p in ck1["policy"].items():
-        torch.testing.assert_close(ck2["policy"][name], p, atol=1e-5, rtol=1e-4, msg=name)
+        # Adam divides each coordinate's step by its own gradient's size, so summation-order noise on a near-zero
+        # gradient can move that coordinate by a visible part of lr (3e-4): up to 1.2e-5 seen. A rank that missed
+        # the other's gradients would be off by about lr itself.
+        torch.testing.assert_close(ck2["policy"][name], p, atol=3e-5, rtol=1e-4, msg=name)
         moved = max(moved, float((p - ck1["reference"][name]).abs().max()))
     assert moved > 1e-4  # the two steps did move the policy

@@ -11,7 +11,8 @@ from genrec.core.data import load_dataset, train_sequences
 from genrec.evaluation import heldout_pairs, retrieval_ranks
 from genrec.models.embedder import CONFIG_FILE, Embedder, load_embedder_config
 from genrec.training.embedder import (ContrastiveModel, fill_batches, hard_clusters, hard_negatives_per_row,
-                                      nearest_positives, next_item_pairs, random_batches, train_embedder)
+                                      nearest_positives, next_item_pairs, train_embedder)
+from genrec.training.loop import random_batches, read_checkpoint
 from tests.tiny_backbones import save_tiny_qwen2
 
 
@@ -121,7 +122,7 @@ def test_hard_negatives_per_row_match_a_slow_count():
     q, d, pairs = random_pairs(5, 50, 120)
     near = nearest_positives(q, d, pairs, pool=8)
     known = {tuple(p) for p in pairs.tolist()}
-    for batches in (random_batches(len(pairs), 16, 2), fill_batches(hard_clusters(q, near, pairs, 3, 1), 16)):
+    for batches in (random_batches(len(pairs), 16, 2, 0), fill_batches(hard_clusters(q, near, pairs, 3, 1), 16)):
         fast = hard_negatives_per_row(batches, near, pairs)
         for b in batches:
             for i in b:
@@ -134,7 +135,7 @@ def test_saha_batches_hold_more_hard_negatives_than_random_ones():
     q, d, pairs = random_pairs(6, 1000, 3000)
     near = nearest_positives(q, d, pairs, pool=10)
     saha = hard_negatives_per_row(fill_batches(hard_clusters(q, near, pairs, 3, 1), 32), near, pairs)
-    plain = hard_negatives_per_row(random_batches(len(pairs), 32, 2), near, pairs)
+    plain = hard_negatives_per_row(random_batches(len(pairs), 32, 2, 0), near, pairs)
     assert saha.mean() > 2 * plain.mean()
 
 
@@ -148,7 +149,7 @@ def test_batches_keep_clusters_together_and_use_each_pair_once():
     sevens, singles = [np.arange(i * 7, i * 7 + 7) for i in range(8)], [np.array([56 + i]) for i in range(8)]
     big_then_small = fill_batches(sevens + singles, 8)
     assert [len(b) for b in big_then_small] == [8] * 8  # a later single fills the gap an earlier cluster left
-    plain = random_batches(100, 8, seed=0)
+    plain = random_batches(100, 8, seed=0, epoch=0)
     assert sorted(np.concatenate(plain).tolist()) == list(range(100)) and all(len(b) <= 8 for b in plain)
 
 
@@ -224,8 +225,8 @@ def test_training_writes_a_tuned_backbone_and_resumes_exactly(tiny_data, tmp_pat
     train_embedder(tiny_data, tmp_path / "half", emb, cfg, tmp_path / "run-half", max_steps=2, log=quiet)
     train_embedder(tiny_data, tmp_path / "half", emb, cfg, tmp_path / "run-half", resume=True, max_steps=4,
                    log=quiet)
-    a, b = (torch.load(tmp_path / r / "checkpoint.pt", weights_only=False) for r in ("run-full", "run-half"))
-    assert a["state"]["step"] == b["state"]["step"] == 4
+    (a, sa), (b, sb) = (read_checkpoint(tmp_path / r) for r in ("run-full", "run-half"))
+    assert sa["step"] == sb["step"] == 4
     assert all(torch.equal(a["model"][n], b["model"][n]) for n in a["model"])
     losses = [[json.loads(x)["loss"] for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()
                if "loss" in json.loads(x)] for r in ("run-full", "run-half")]
@@ -264,7 +265,7 @@ def test_two_ranks_train_like_one(tiny_data, tmp_path):
         assert min(len(b) for b in np.split(z["flat"], z["bounds"])[:2]) >= 2  # two ranks skip a one-row batch
     summary = json.loads((tmp_path / "out-two" / "training.json").read_text())
     assert summary["steps"] == 2 and 0 <= summary["valid"]["recall@10"] <= 1
-    one, two = (torch.load(tmp_path / f"run-{n}" / "checkpoint.pt", weights_only=False)["model"] for n in ("one", "two"))
+    one, two = (read_checkpoint(tmp_path / f"run-{n}")[0]["model"] for n in ("one", "two"))
     from transformers import Qwen2Model
 
     start = Qwen2Model.from_pretrained(backbone).state_dict()

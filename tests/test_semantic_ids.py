@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from genrec.core.config import SemanticIdConfig
-from genrec.models.semantic_ids import PrefixTrie, build_semantic_ids
+from genrec.models.semantic_ids import PrefixTrie, build_semantic_ids, unique_assign
 
 
 def clustered(n=2000, dim=24, seed=0):
@@ -48,3 +48,16 @@ def test_duplicate_codes_are_rejected():
 def test_too_small_catalog_says_what_to_change():
     with pytest.raises(ValueError, match="lower semantic_ids.codebook_size"):
         build_semantic_ids(clustered(10), SemanticIdConfig(codebook_size=16))
+
+
+def test_unique_assign_is_the_cheapest_one_to_one_matching():
+    from itertools import permutations
+
+    rng = np.random.default_rng(3)
+    for n, k in ((1, 4), (4, 4), (5, 7)):
+        residual, centroids = rng.normal(size=(n, 3)), rng.normal(size=(k, 3))
+        cost = ((residual[:, None] - centroids[None]) ** 2).sum(-1)
+        got = unique_assign(residual, centroids)
+        assert len(set(got.tolist())) == n  # one item per code
+        best = min(cost[np.arange(n), list(p)].sum() for p in permutations(range(k), n))  # brute force
+        assert cost[np.arange(n), got].sum() == pytest.approx(best)

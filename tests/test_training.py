@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from genrec.core.bundle import Bundle
 from genrec.core.data import load_dataset
 from genrec.evaluation import evaluate
+from genrec.training.loop import read_checkpoint
 
 from conftest import run_cli
 
@@ -38,14 +39,14 @@ def test_killed_and_resumed_run_matches_uninterrupted(tmp_path, tiny_bundle, tin
     args = [str(exe), "train", "sft", "--bundle", str(b_bundle), "--data", str(tiny_data), "--run-dir",
             str(tmp_path / "run-b"), *TRAIN]
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    ckpt = tmp_path / "run-b" / "checkpoint.pt"
+    ckpt = tmp_path / "run-b" / "checkpoint" / "state.json"
     deadline = time.time() + 120
     while not ckpt.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists(), "the run never wrote a checkpoint"
-    killed_at = torch.load(ckpt, weights_only=False)["state"]["step"]
+    killed_at = read_checkpoint(tmp_path / "run-b")[1]["step"]
     run_cli(*args[1:], "--resume")
 
     a, b = last_loss(tmp_path / "run-a"), last_loss(tmp_path / "run-b")

@@ -2,19 +2,26 @@
 uninterrupted one does. (Whether V separates hits from misses is measured on real data: benchmarks, README.)"""
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
+import pytest
 
 from genrec.core.bundle import Bundle
 from genrec.models.loading import load_recommender, load_value_head
+from genrec.training.value import auc
 
 from conftest import run_cli
 
 
 def evals(run_dir):
+    """The validation rows, without their wall times."""
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in rows if "valid_td_loss" in r]
+    return [{k: v for k, v in r.items() if k != "elapsed_s"} for r in rows if "valid_td_loss" in r]
 
 
 def test_value_training_learns_and_resumes_exactly(tmp_path, demo_bundle, demo_data):
@@ -50,3 +57,24 @@ def test_a_new_sft_policy_drops_the_stale_value_head(tmp_path, demo_bundle, demo
     bundle = Bundle.load(b)
     assert not bundle.has("value.safetensors") and not (b / "value.safetensors").exists()
     assert "value" not in bundle.manifest["training"] and "genrec train value" in res.stdout
+
+
+def test_auc_matches_the_pairwise_definition():
+    rng = np.random.default_rng(0)
+    pos, neg = rng.integers(0, 5, 40).astype(float), rng.integers(0, 5, 60).astype(float)  # many ties
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert auc(pos, neg) == pytest.approx(pairs)
+    assert np.isnan(auc(pos, neg[:0]))
+
+
+def test_value_training_runs_under_torchrun(tmp_path, demo_bundle, demo_data):
+    bundle = tmp_path / "b"
+    shutil.copytree(demo_bundle, bundle)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(Path(sys.executable).with_name("genrec")), "train", "value", "--bundle", str(bundle), "--data",
+           str(demo_data), "--run-dir", str(tmp_path / "run"), "--max-epochs", "1", "--rollouts", "4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (last,) = evals(tmp_path / "run")
+    assert last["rollouts"] == 4 * 2000  # the two ranks' shards cover every validation user once
+    assert Bundle.load(bundle).has("value.safetensors")

@@ -28,14 +28,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
 
 from genrec.core.atomic import atomic_dir, atomic_file
 from genrec.core.config import EmbedderConfig, EmbedderTrainConfig
 from genrec.core.data import load_dataset, train_sequences
 from genrec.evaluation import evaluate_retrieval, heldout_pairs
 from genrec.models.embedder import CONFIG_FILE
-from genrec.training.loop import Dist, fit, init_distributed, run_summary
+from genrec.training.loop import (Dist, Supervised, barrier, init_distributed, load_best, random_batches, run, run_summary,
+                                  supervised_loop)
 
 def next_item_pairs(seqs: list[np.ndarray]) -> np.ndarray:
     """(P, 2) distinct (item, next item) catalog rows from training sequences, repeats of the same item skipped."""
@@ -132,12 +132,6 @@ def hard_negatives_per_row(batches: list[np.ndarray], near: np.ndarray, pairs: n
         masked = known_false_negatives(q, p, known, n_items)
         count[b] = (hit & ~masked & ~np.eye(len(b), dtype=bool)).sum(1)
     return count
-
-
-def random_batches(n_pairs: int, batch_size: int, seed: int) -> list[np.ndarray]:
-    """Plain in-batch negatives: each pair once per epoch, in random batches."""
-    order = np.random.default_rng(seed).permutation(n_pairs)
-    return [order[i: i + batch_size] for i in range(0, n_pairs, batch_size)]
 
 
 def fill_batches(clusters: list[np.ndarray], batch_size: int, window: int = 8) -> list[np.ndarray]:
@@ -259,13 +253,12 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     if d.main and not resume:  # batches mined by an earlier run in this directory belong to its weights
         for stale in run_dir.glob("*-epoch*.npz"):
             stale.unlink()
-    if d.world > 1:
-        torch.distributed.barrier()  # no rank reads a stale cache before the main rank has removed it
+    barrier(d)  # no rank reads a stale cache before the main rank has removed it
 
     def batches(epoch: int) -> list[np.ndarray]:
         seed = cfg.seed * 1000 + epoch
         if not cfg.hard_negatives:
-            return random_batches(len(pairs), cfg.batch_size, seed)
+            return random_batches(len(pairs), cfg.batch_size, cfg.seed, epoch)
         # Mined with the weights at the epoch's start and kept for --resume; keyed by what shapes the batches.
         cache = run_dir / f"clusters-epoch{epoch}-b{cfg.batch_size}-k{cfg.k}-p{cfg.pool}-s{cfg.seed}.npz"
         if d.main and not cache.exists():
@@ -288,20 +281,19 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
                 f"{(per_row > 0).mean():.0%} of rows at least one")
             with atomic_file(cache, "wb") as f:
                 np.savez(f, flat=np.concatenate(mined), bounds=np.cumsum([len(b) for b in mined])[:-1])
-        if d.world > 1:
-            torch.distributed.barrier()  # the other ranks read what the main rank mined
+        barrier(d)  # the other ranks read what the main rank mined
         with np.load(cache) as z:
             return np.split(z["flat"], z["bounds"])
 
     def evaluate(m, dd: Dist) -> np.ndarray:
         return evaluate_retrieval(embedder, texts, valid, (dd.rank, dd.world))
 
-    st = fit(model, pairs, evaluate, cfg, run_dir, resume=resume, d=d, max_steps=max_steps, desc="embedder",
-             batches=batches, log_every=10)
+    task = Supervised(model, pairs, cfg, evaluate, d, batches=batches)
+    st = run(task, supervised_loop(cfg, max_steps, log_every=10), run_dir, resume, d, desc="embedder")
     summary = {**run_summary(st, cfg, pairs=int(len(pairs))), "embedder": embedder_cfg.model_dump()}
     best = summary["valid"]
     if d.main:
-        model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+        load_best(task, run_dir)
         out = Path(out)
         with atomic_dir(out) as tmp:
             embedder.save_pretrained(tmp)

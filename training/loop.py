@@ -1,13 +1,21 @@
-"""A small, exact-resume training loop shared by the recommender (SFT) and the SASRec baseline.
+"""One training loop for every trainer: the recommender (SFT), SASRec, the value head, RL and the embedder.
 
-What it guarantees:
-  - deterministic data order (a seeded permutation per epoch), so a resumed run replays exactly what an
-    uninterrupted one would: same step, same loss;
-  - atomic checkpoints every N steps and at every evaluation (model, optimizer, schedule, RNG, data position);
-  - early stopping on validation NDCG@10 over the full validation split, and a wall-time budget;
-  - DDP under torchrun (gloo on CPU, NCCL on GPU): every rank takes its slice of each global batch and evaluates
-    its shard of validation users;
+A trainer describes its job as a `Task` (the modules it trains, its optimizer, the batches of an epoch, one step,
+validation); `run` does the rest, the same way for all of them:
+  - deterministic data order (the task's batches are a function of the epoch), so a resumed run replays exactly
+    what an uninterrupted one would: same steps, same losses, same weights;
+  - atomic checkpoints every N steps and after every validation: the modules as safetensors, the optimizer and RNG
+    state loaded with `torch.load(weights_only=True)` (no pickled objects), the loop state as JSON;
+  - validation every N epochs or N steps (optionally before the first step), early stopping with patience on one
+    metric (higher or lower is better), the best modules kept as safetensors, a wall-time budget that validation
+    does not spend, and a step limit that a later run may raise;
+  - DDP under torchrun (gloo on CPU, NCCL when the task trains on CUDA): every rank takes its slice of each global
+    batch, and all ranks agree on when to stop;
   - a progress bar, a JSON-lines log and a PNG of the curves in the run directory.
+Why our own loop and not Lightning Fabric or Accelerate: exact mid-epoch resume needs the data order and the RNG
+under the loop's control, and four of the five tasks are not a forward/backward on a batch (RL draws rollouts,
+micro-batches and clips two parameter groups apart; the value head fits a frozen policy's samples). What a library
+would add (device placement, DDP, mixed precision) is a few lines here.
 """
 
 from __future__ import annotations
@@ -15,19 +23,23 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
-from genrec.core.atomic import atomic_path
+from genrec.core.atomic import atomic_dir, atomic_file, atomic_path
 from genrec.core.config import TrainConfig
 from genrec.core.metrics import metrics_from_ranks
+
+CHECKPOINT = "checkpoint"  # the directory inside a run directory that --resume continues from
 
 
 @dataclass
@@ -40,54 +52,19 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+def init_distributed(device: str = "cpu") -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise. NCCL only when the
+    tensors that cross ranks live on CUDA."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # training runs on CPU tensors, also on a machine with a GPU
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size())
     return Dist()
 
 
-@dataclass
-class TrainState:
-    step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
-    elapsed: float = 0.0  # seconds of training so far, over all resumes
-    best_ndcg: float = -1.0
-    best_step: int = -1
-    evals_since_best: int = 0
-    done: bool = False
-    stopped_by_max_steps: bool = False
-    history: list = field(default_factory=list)
-
-
-def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Global batches of window indices for one epoch: shuffled, then sorted by length inside chunks of 50 batches
-    so that a batch wastes little on padding, then the batches shuffled again. Deterministic in (seed, epoch)."""
-    rng = np.random.default_rng([seed, epoch])
-    perm = rng.permutation(len(lengths))
-    chunk = batch_size * 50
-    batches = []
-    for start in range(0, len(perm), chunk):
-        part = perm[start: start + chunk]
-        part = part[np.argsort(-lengths[part], kind="stable")]
-        batches += [part[i: i + batch_size] for i in range(0, len(part), batch_size)]
-    order = rng.permutation(len(batches))
-    return [batches[i] for i in order]
-
-
-def lr_factor(step: int, warmup: int, total: int) -> float:
-    """Linear warm-up, then cosine decay to 10% at `total` steps."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def gather_ranks(ranks: np.ndarray, d: Dist) -> np.ndarray:
+    """Every rank's array, concatenated in rank order (the identity on one process)."""
     if d.world == 1:
         return ranks
     parts = [None] * d.world
@@ -95,37 +72,126 @@ def gather_ranks(ranks: np.ndarray, d: Dist) -> np.ndarray:
     return np.concatenate(parts)
 
 
-def load_checkpoint(path: Path) -> dict:
-    """The checkpoint that --resume continues from, or an error that says how to start fresh."""
-    if not path.exists():
-        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to start fresh")
-    return torch.load(path, weights_only=False)
+def barrier(d: Dist) -> None:
+    if d.world > 1:
+        dist.barrier()
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """How long to train, when to validate, what counts as better. Each trainer derives it from its own config."""
+
+    seed: int
+    max_minutes: float
+    max_epochs: int | None = None  # None: until another limit
+    max_steps: int | None = None
+    checkpoint_every: int = 500  # steps
+    eval_every_epochs: int | None = 1
+    eval_every_steps: int | None = None
+    eval_at_start: bool = False  # validate the starting weights (the bar to clear, kept if never beaten)
+    patience: int | None = None  # validations without a better metric before stopping; None: never stop early
+    metric: str = "ndcg@10"
+    higher_is_better: bool = True
+    log_every: int = 50
+    curve_keys: tuple[str, ...] = ("recall@10", "ndcg@10")
+
+    def better(self, value: float, best: float | None) -> bool:
+        return best is None or (value > best if self.higher_is_better else value < best)
+
+
+@dataclass
+class LoopState:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    elapsed: float = 0.0  # seconds of training so far, over all resumes (validation excluded)
+    best: float | None = None
+    best_step: int = -1
+    evals_since_best: int = 0
+    last_eval_step: int = -1
+    stopped_early: bool = False  # by patience; a run that stopped at a limit goes on when resumed with a higher one
+    history: list = field(default_factory=list)
+
+    def best_eval(self) -> dict:
+        """The validation metrics of the best step ({} before any validation)."""
+        entry = next((h for h in self.history if h.get("step") == self.best_step and "elapsed_s" in h), {})
+        return {k: v for k, v in entry.items() if k not in ("step", "epoch", "elapsed_s")}
+
+
+class Task(Protocol):
+    """What a trainer gives the loop."""
+
+    modules: dict[str, torch.nn.Module]  # checkpointed; the best of them are kept
+    optimizer: torch.optim.Optimizer
+    best_modules: tuple[str, ...]  # which modules the best weights are written for
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        """The global batches (row indices) of an epoch; a function of the epoch alone, for exact resume."""
+
+    def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
+        """One optimizer step on this rank's rows of the batch; returns what to log ("loss" at least)."""
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics, equal on every rank."""
 
 
 def save_weights(module: torch.nn.Module, path: Path) -> None:
     """A module's state dict as safetensors, written atomically."""
-    from safetensors.torch import save_file
-
     with atomic_path(path) as tmp:
         save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp))
 
 
-def track_best(st, ndcg: float, save_best: Callable[[], None]) -> None:
-    """Early-stopping bookkeeping shared by the trainers: `st` has step, best_ndcg, best_step and evals_since_best;
-    a new best validation NDCG@10 calls save_best()."""
-    if ndcg > st.best_ndcg:
-        st.best_ndcg, st.best_step, st.evals_since_best = ndcg, st.step, 0
-        save_best()
-    else:
-        st.evals_since_best += 1
+def best_path(run_dir: Path, name: str) -> Path:
+    return Path(run_dir) / f"best-{name}.safetensors"
 
 
-def run_summary(st: TrainState, cfg, **sizes) -> dict:
-    """What a finished fit() reports: steps, time, the best validation point, the config, plus `sizes` (e.g. the
-    number of training windows or pairs)."""
-    best = next((h for h in st.history if h.get("step") == st.best_step and "ndcg@10" in h), {})
-    return {"steps": st.step, "epochs": st.epoch, "train_seconds": round(st.elapsed, 1), **sizes,
-            "best_step": st.best_step, "valid": {k: v for k, v in best.items() if "@" in k}, "config": cfg.model_dump()}
+def load_best(task: Task, run_dir: Path) -> None:
+    """Load the best weights `run` kept into the task's modules."""
+    for name in task.best_modules:
+        task.modules[name].load_state_dict(load_file(str(best_path(run_dir, name))))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(task: Task, st: LoopState, run_dir: Path) -> None:
+    """modules.safetensors + optimizer.pt (tensors and plain containers only) + state.json, as one directory."""
+    with atomic_dir(Path(run_dir) / CHECKPOINT) as tmp:
+        tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in task.modules.items()
+                   for k, v in m.state_dict().items()}
+        save_file(tensors, str(tmp / "modules.safetensors"))
+        torch.save({"optimizer": task.optimizer.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(asdict(st)))
+
+
+def read_checkpoint(run_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """The weights of each checkpointed module (by name) and the loop state, as run_dir/checkpoint holds them."""
+    path = Path(run_dir) / CHECKPOINT
+    if not (path / "state.json").exists():
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}; run without --resume to start fresh")
+    weights: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in load_file(str(path / "modules.safetensors")).items():
+        name, _, param = key.partition(".")
+        weights.setdefault(name, {})[param] = value
+    return weights, json.loads((path / "state.json").read_text())
+
+
+def load_checkpoint(task: Task, run_dir: Path) -> LoopState:
+    """Restore the task and the loop state from run_dir/checkpoint, or say how to start fresh."""
+    weights, state = read_checkpoint(run_dir)
+    for name, m in task.modules.items():
+        m.load_state_dict(weights.get(name, {}))
+    path = Path(run_dir) / CHECKPOINT
+    rest = torch.load(path / "optimizer.pt", weights_only=True)
+    task.optimizer.load_state_dict(rest["optimizer"])
+    torch.set_rng_state(rest["rng"]["torch"])
+    if "cuda" in rest["rng"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rest["rng"]["cuda"])
+    return LoopState(**state)
 
 
 def plot_curves(history: list[dict], path: Path, keys: tuple[str, ...] = ("recall@10", "ndcg@10")) -> None:
@@ -150,130 +216,197 @@ def plot_curves(history: list[dict], path: Path, keys: tuple[str, ...] = ("recal
     plt.close(fig)
 
 
-def fit(model: torch.nn.Module, windows: np.ndarray, evaluate: Callable[[torch.nn.Module, Dist], np.ndarray],
-        cfg: TrainConfig, run_dir: Path, resume: bool = False, d: Dist | None = None, log_every: int = 50,
-        max_steps: int | None = None, desc: str = "train",
-        batches: Callable[[int], list[np.ndarray]] | None = None) -> TrainState:
-    """Train `model` (forward(windows) -> {"loss": ...}) on `windows` (W, T+1).
+def run_summary(st: LoopState, cfg, **sizes) -> dict:
+    """What a finished run reports: steps, time, the best validation point, the trainer's config, plus `sizes`
+    (e.g. the number of training windows or pairs)."""
+    return {"steps": st.step, "epochs": st.epoch, "train_seconds": round(st.elapsed, 1), **sizes,
+            "best_step": st.best_step, "valid": st.best_eval(), "config": cfg.model_dump()}
 
-    batches(epoch) gives the global batches (row indices) of an epoch; default: shuffled, length-sorted chunks
-    (epoch_batches). It must be deterministic in the epoch for an exact resume.
 
-    evaluate(model, dist) returns the 0-based rank of each validation target among this rank's shard of users
-    (-1 = miss). The best weights by validation NDCG@10 are kept in run_dir/best.safetensors.
-    """
+def run(task: Task, cfg: LoopConfig, run_dir: Path, resume: bool = False, d: Dist | None = None,
+        desc: str = "train") -> LoopState:
+    """Train `task` until a limit, early stopping or the end; the best modules are in run_dir (load_best)."""
     d = d or Dist()
-    batches_of = batches
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    lengths = (windows >= 0).sum(1)
-    steps_per_epoch = math.ceil(len(windows) / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.max_epochs
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    # A model may compute outputs its loss does not use (a BERT pooler): it says so, and DDP then looks for them.
-    unused = getattr(model, "has_unused_parameters", False)
-    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) if d.world > 1 else model
-
-    st = TrainState()
-    ckpt_path = run_dir / "checkpoint.pt"
+    log_file = run_dir / "metrics.jsonl"
     if resume:
-        ck = load_checkpoint(ckpt_path)
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        torch.set_rng_state(ck["torch_rng"])
-        st = TrainState(**ck["state"])
-        if st.stopped_by_max_steps and (max_steps is None or st.step < max_steps):
-            st.done = st.stopped_by_max_steps = False  # the run stopped at an earlier --max-steps: go on
-    elif d.main:
-        for stale in ("metrics.jsonl", "checkpoint.pt", "best.safetensors"):
-            (run_dir / stale).unlink(missing_ok=True)
-
-    def save_checkpoint():
+        st = load_checkpoint(task, run_dir)
+    else:
+        st = LoopState()
+        torch.manual_seed(cfg.seed)  # dropout and any other use of the global generator start from the seed
         if d.main:
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "torch_rng": torch.get_rng_state(), "state": st.__dict__}, tmp)
+            shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
+            for stale in [log_file, *run_dir.glob("best-*.safetensors")]:
+                stale.unlink(missing_ok=True)
+    barrier(d)  # no rank reads the run directory before the main one has cleared it
 
-    def record(entry: dict):
+    def record(entry: dict) -> None:
         st.history.append(entry)
         if d.main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
+            with open(log_file, "a") as f:
                 f.write(json.dumps(entry) + "\n")
 
-    def save_best() -> None:
+    def checkpoint() -> None:
         if d.main:
-            save_weights(model, run_dir / "best.safetensors")
+            save_checkpoint(task, st, run_dir)
+            with atomic_file(log_file) as f:  # the log matches the checkpoint, so a resume never duplicates lines
+                f.writelines(json.dumps(h) + "\n" for h in st.history)
 
-    def run_eval() -> bool:
-        """Evaluate, keep the best weights; returns True when early stopping triggers."""
-        model.eval()
-        with torch.no_grad():
-            ranks = gather_ranks(evaluate(model, d), d)
-        model.train()
-        m = metrics_from_ranks(ranks)
-        record({"step": st.step, "epoch": st.epoch, **m, "users": int(len(ranks)), "elapsed_s": round(st.elapsed, 1)})
-        track_best(st, m["ndcg@10"], save_best)
+    def validate() -> None:
+        """Validate, keep the best modules, count towards patience."""
+        metrics = task.validate()
+        st.last_eval_step = st.step
+        record({"step": st.step, "epoch": st.epoch, **metrics, "elapsed_s": round(st.elapsed, 1)})
+        value = metrics[cfg.metric]
+        if cfg.better(value, st.best):
+            st.best, st.best_step, st.evals_since_best = value, st.step, 0
+            if d.main:
+                for name in task.best_modules:
+                    save_weights(task.modules[name], best_path(run_dir, name))
+        else:
+            st.evals_since_best += 1
+        if cfg.patience is not None and st.evals_since_best >= cfg.patience:
+            st.stopped_early = True
         if d.main:
-            tqdm.write(f"[{desc}] step {st.step} epoch {st.epoch}: valid recall@10 {m['recall@10']:.4f} "
-                       f"ndcg@10 {m['ndcg@10']:.4f} (best {st.best_ndcg:.4f} at step {st.best_step})")
-            plot_curves(st.history, run_dir / "curves.png")
-        return st.evals_since_best >= cfg.patience
+            shown = ", ".join(f"{k} {metrics[k]:.4f}" for k in cfg.curve_keys)
+            tqdm.write(f"[{desc}] step {st.step} epoch {st.epoch}: valid {shown} (best {cfg.metric} {st.best:.4f} "
+                       f"at step {st.best_step})")
+            plot_curves(st.history, run_dir / "curves.png", cfg.curve_keys)
 
-    model.train()
-    clock = time.time()
-    while not st.done and st.epoch < cfg.max_epochs:
-        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, st.epoch) if batches_of is None else \
-            batches_of(st.epoch)
+    def out_of_budget() -> bool:
+        stop = st.elapsed > cfg.max_minutes * 60 or (cfg.max_steps is not None and st.step >= cfg.max_steps)
+        if d.world > 1:  # every rank must agree to stop
+            flag = torch.tensor([float(stop)])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            stop = bool(flag.item())
+        return stop
+
+    if cfg.eval_at_start and st.step == 0 and st.last_eval_step < 0:
+        validate()
+        checkpoint()
+    limit, logs, logged_at = False, None, -1
+    while not limit and not st.stopped_early and (cfg.max_epochs is None or st.epoch < cfg.max_epochs):
+        batches = task.batches(st.epoch)
         bar = tqdm(total=len(batches), initial=st.batch_in_epoch, desc=f"{desc} epoch {st.epoch}", unit="step",
                    disable=not d.main, leave=False)
-        while st.batch_in_epoch < len(batches):
-            idx = batches[st.batch_in_epoch]
-            if len(idx) < d.world:  # too small to give every rank a row (a packed epoch's last scraps): skipped
-                st.batch_in_epoch += 1
-                bar.update(1)
-                continue
-            idx = np.array_split(idx, d.world)[d.rank]  # this rank's slice of the global batch
-            w = windows[idx]
-            w = torch.as_tensor(w[:, -max(2, int(lengths[idx].max())):])  # trim padding shared by the batch
-            for g in opt.param_groups:
-                g["lr"] = cfg.lr * lr_factor(st.step, cfg.warmup_steps, total_steps)
-            out = ddp(w)
-            opt.zero_grad(set_to_none=True)
-            out["loss"].backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            st.step += 1
-            st.batch_in_epoch += 1
-            now = time.time()
-            st.elapsed += now - clock
-            clock = now
-            loss = out["loss"].item()
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if st.step % log_every == 0 or st.batch_in_epoch == len(batches):
-                record({"step": st.step, "loss": loss, "lr": opt.param_groups[0]["lr"]})
-            st.stopped_by_max_steps = max_steps is not None and st.step >= max_steps
-            out_of_time = st.elapsed > cfg.max_minutes * 60 or st.stopped_by_max_steps
-            if d.world > 1:  # every rank must agree to stop
-                flag = torch.tensor([float(out_of_time)])
-                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-                out_of_time = bool(flag.item())
-            if out_of_time:
-                record({"step": st.step, "loss": loss, "lr": opt.param_groups[0]["lr"]})
-                run_eval()
-                st.done = True
+        clock = time.time()
+        while st.batch_in_epoch < len(batches) and not st.stopped_early:
+            if limit := out_of_budget():
+                if logs is not None and logged_at != st.step:
+                    record({"step": st.step, **logs})  # the last step's loss, where the run stops
                 break
-            if st.step % cfg.checkpoint_every == 0:
-                save_checkpoint()
+            rows = batches[st.batch_in_epoch]
+            st.batch_in_epoch += 1
+            bar.update(1)
+            if len(rows) < d.world:  # too small to give every rank a row (a packed epoch's last scraps): skipped
+                continue
+            logs = task.train_step(np.array_split(rows, d.world)[d.rank], st.step)
+            st.step += 1
+            now = time.time()
+            st.elapsed, clock = st.elapsed + now - clock, now
+            bar.set_postfix(loss=f"{logs['loss']:.4f}", minutes=f"{st.elapsed / 60:.1f}/{cfg.max_minutes:g}")
+            if st.step % cfg.log_every == 0 or st.batch_in_epoch == len(batches):
+                record({"step": st.step, **logs})
+                logged_at = st.step
+            if cfg.eval_every_steps and st.step % cfg.eval_every_steps == 0:
+                validate()
+                clock = time.time()  # validation does not count against the budget
+                checkpoint()
+            elif st.step % cfg.checkpoint_every == 0:
+                checkpoint()
         bar.close()
-        if st.done:
+        if limit or st.stopped_early:
             break
-        st.epoch += 1
-        st.batch_in_epoch = 0
-        if st.epoch % cfg.eval_every == 0 or st.epoch == cfg.max_epochs:
-            st.done = run_eval() or st.epoch == cfg.max_epochs
-            clock = time.time()  # evaluation time does not count against the training budget
-        save_checkpoint()
-    save_checkpoint()
+        st.epoch, st.batch_in_epoch = st.epoch + 1, 0
+        last = cfg.max_epochs is not None and st.epoch == cfg.max_epochs
+        if cfg.eval_every_epochs and (st.epoch % cfg.eval_every_epochs == 0 or last):
+            validate()
+        checkpoint()
+    if st.last_eval_step != st.step:  # the last weights are validated too
+        validate()
+    checkpoint()
     return st
+
+
+class Supervised:
+    """The task of a model whose forward(rows) returns {"loss": ...} (the recommender, SASRec, the embedder): AdamW
+    with linear warm-up and cosine decay, gradient clipping, DDP. `data` holds one row per example (windows, or
+    pairs); `ranks(model, dist)` gives the 0-based rank of each validation target in this rank's shard (-1 = miss)."""
+
+    best_modules = ("model",)
+
+    def __init__(self, model: torch.nn.Module, data: np.ndarray, cfg: TrainConfig,
+                 ranks: Callable[[torch.nn.Module, Dist], np.ndarray], d: Dist,
+                 batches: Callable[[int], list[np.ndarray]] | None = None):
+        self.model, self.data, self.cfg, self.ranks, self.d = model, data, cfg, ranks, d
+        self.lengths = (data >= 0).sum(1)
+        self.total_steps = math.ceil(len(data) / cfg.batch_size) * cfg.max_epochs
+        self.modules = {"model": model}
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                           betas=(0.9, 0.98))
+        # A model may compute outputs its loss does not use (a BERT pooler): it says so, and DDP then looks for them.
+        unused = getattr(model, "has_unused_parameters", False)
+        self.forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) \
+            if d.world > 1 else model
+        self._batches = batches
+        model.train()
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        if self._batches is not None:
+            return self._batches(epoch)
+        return epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch)
+
+    def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
+        x = torch.as_tensor(self.data[rows][:, -max(2, int(self.lengths[rows].max())):])  # padding shared by all cut
+        lr = self.cfg.lr * lr_factor(step, self.cfg.warmup_steps, self.total_steps)
+        for g in self.optimizer.param_groups:
+            g["lr"] = lr
+        loss = self.forward(x)["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+        self.optimizer.step()
+        return {"loss": loss.item(), "lr": lr}
+
+    def validate(self) -> dict[str, float]:
+        self.model.eval()
+        with torch.no_grad():
+            ranks = gather_ranks(self.ranks(self.model, self.d), self.d)
+        self.model.train()
+        return {**metrics_from_ranks(ranks), "users": int(len(ranks))}
+
+
+def supervised_loop(cfg: TrainConfig, max_steps: int | None, log_every: int = 50) -> LoopConfig:
+    return LoopConfig(seed=cfg.seed, max_minutes=cfg.max_minutes, max_epochs=cfg.max_epochs, max_steps=max_steps,
+                      checkpoint_every=cfg.checkpoint_every, eval_every_epochs=cfg.eval_every, patience=cfg.patience,
+                      log_every=log_every)
+
+
+def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Global batches of window indices for one epoch: shuffled, then sorted by length inside chunks of 50 batches
+    so that a batch wastes little on padding, then the batches shuffled again. Deterministic in (seed, epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    perm = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    batches = []
+    for start in range(0, len(perm), chunk):
+        part = perm[start: start + chunk]
+        part = part[np.argsort(-lengths[part], kind="stable")]
+        batches += [part[i: i + batch_size] for i in range(0, len(part), batch_size)]
+    order = rng.permutation(len(batches))
+    return [batches[i] for i in order]
+
+
+def random_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
+    """Every row once per epoch, in random batches; deterministic in (seed, epoch)."""
+    order = np.random.default_rng([seed, epoch]).permutation(n)
+    return [order[i: i + batch_size] for i in range(0, n, batch_size)]
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warm-up, then cosine decay to 10% at `total` steps."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))

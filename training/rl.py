@@ -12,15 +12,12 @@ One step, for a batch of (history, target) contexts from the training part of th
      the policy, it does not steer it).
 The policy runs without dropout, so the ratio of the first pass is exactly 1. Validation Recall/NDCG@10 with beam
 search every `eval_every` steps; the best policy (and its value head) is written into a new bundle version. Exact
-resume: the context order and the rollout noise are functions of (seed, step).
+resume: the context order and the rollout noise are functions of (seed, step). The loop is training.loop's.
 """
 
 from __future__ import annotations
 
 import copy
-import json
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,10 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from safetensors.torch import load_file
-from tqdm import tqdm
 
-from genrec.core.atomic import atomic_file, atomic_path
+from genrec.core.atomic import write_json
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import RlConfig, VedConfig, load_preset
 from genrec.core.data import eval_split, load_dataset, train_pairs, train_sequences
@@ -42,8 +37,9 @@ from genrec.models.loading import load_recommender, load_trie, load_value_head
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead, level_rewards, td_targets
 from genrec.models.ved import ved_decode
-from genrec.training.loop import (Dist, gather_ranks, init_distributed, load_checkpoint, metrics_from_ranks,
-                                  plot_curves, save_weights, track_best)
+from genrec.core.metrics import metrics_from_ranks
+from genrec.training.loop import (Dist, LoopConfig, gather_ranks, init_distributed, load_best, random_batches, run,
+                                  run_summary)
 
 
 @dataclass
@@ -163,16 +159,6 @@ def _rollout_stats(r: Rollouts) -> dict[str, float]:
             "sibling_adv_abs": float(sib.abs().mean()) if len(sib) else 0.0}
 
 
-@dataclass
-class RlState:
-    step: int = 0
-    elapsed: float = 0.0  # seconds of training (validation excluded), over all resumes
-    best_ndcg: float = -1.0
-    best_step: int = -1
-    evals_since_best: int = 0
-    history: list | None = None
-
-
 def rl_step(policy: Recommender, value_head: ValueHead, opt: torch.optim.Optimizer, r: Rollouts, cfg: RlConfig,
             gamma: float, d: Dist) -> dict[str, float]:
     """`inner_epochs` optimiser steps on one batch of rollouts, in micro-batches; returns the last pass's loss parts."""
@@ -197,6 +183,45 @@ def rl_step(policy: Recommender, value_head: ValueHead, opt: torch.optim.Optimiz
     return parts
 
 
+class RlTask:
+    """Sibling-GRPO's task for the training loop: rollouts and their advantages, then `inner_epochs` updates."""
+
+    best_modules = ("policy", "value_head")
+
+    def __init__(self, policy: Recommender, value_head: ValueHead, trie: Trie, codes: torch.Tensor,
+                 vectors: torch.Tensor, pairs, valid, cfg: RlConfig, ved: VedConfig, gamma: float,
+                 reward_weights: tuple[float, ...], d: Dist):
+        self.policy, self.value_head, self.trie, self.codes, self.vectors = policy, value_head, trie, codes, vectors
+        self.reference = copy.deepcopy(policy).requires_grad_(False)
+        self.pairs, self.valid, self.cfg, self.ved, self.gamma, self.reward_weights, self.d = \
+            pairs, valid, cfg, ved, gamma, reward_weights, d
+        # The reference is checkpointed too: the bundle may hold a later policy by the time a run resumes.
+        self.modules = {"policy": policy, "reference": self.reference, "value_head": value_head}
+        self.optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},
+                                            {"params": list(value_head.parameters()), "lr": cfg.value_lr}],
+                                           weight_decay=0.0)
+
+    def batches(self, epoch: int) -> list[np.ndarray]:
+        return random_batches(len(self.pairs.targets), self.cfg.batch_size, self.cfg.seed, epoch)
+
+    def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
+        step_seed = self.cfg.seed * 1_000_003 + step  # the rollout noise is a function of the step: exact resume
+        r = make_rollouts(self.policy, self.reference, self.value_head, self.trie,
+                          torch.as_tensor(self.pairs.histories[rows]), torch.as_tensor(self.pairs.targets[rows]),
+                          self.codes, self.vectors, self.cfg, self.ved, torch.Generator().manual_seed(step_seed),
+                          step_seed, self.reward_weights)
+        parts = rl_step(self.policy, self.value_head, self.optimizer, r, self.cfg, self.gamma, self.d)
+        return {"loss": parts["grpo_loss"] + parts["sibling_loss"], **_rollout_stats(r), **parts}
+
+    def validate(self) -> dict[str, float]:
+        """Validation Recall/NDCG by beam search over this rank's shard of users, gathered."""
+        with torch.no_grad():
+            ranks = recommender_ranks(self.policy, self.trie, self.valid, self.cfg.beam_width,
+                                      (self.d.rank, self.d.world))
+        ranks = gather_ranks(ranks, self.d)
+        return {**metrics_from_ranks(ranks), "users": int(len(ranks))}
+
+
 def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None = None,
              run_dir: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
              log=print) -> dict:
@@ -212,118 +237,34 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
         raise ValueError(f"VED rollouts need the bundle's value head: run `genrec train value --bundle {bundle_path} "
                          f"--data {data}` first, or pass --rollout beam")
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "rl")
-    run_dir.mkdir(parents=True, exist_ok=True)
 
     policy = load_recommender(bundle)  # eval mode: no dropout, so the first pass's importance ratio is exactly 1
-    reference = copy.deepcopy(policy).requires_grad_(False)
     torch.manual_seed(cfg.seed)
     value_head = load_value_head(bundle) if bundle.has("value.safetensors") else ValueHead(policy.cfg.d_model)
     value_head.eval()
-    trie = load_trie(bundle)
-    codes = torch.as_tensor(bundle.codes).long()
-    vectors = F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1)
     pairs = train_pairs(train_sequences(ds), policy.cfg.max_history)
     valid = eval_split(ds, "valid", policy.cfg.max_history)
     if cfg.valid_users and cfg.valid_users < len(valid.targets):
         pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(valid.targets))[: cfg.valid_users])
         valid = type(valid)(valid.users[pick], valid.histories[pick], valid.targets[pick])
-    opt = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},
-                             {"params": list(value_head.parameters()), "lr": cfg.value_lr}], weight_decay=0.0)
-    st = RlState(history=[])
-    ckpt = run_dir / "checkpoint.pt"
-    if resume:
-        ck = load_checkpoint(ckpt)
-        policy.load_state_dict(ck["policy"])
-        reference.load_state_dict(ck["reference"])  # the bundle may already hold an RL policy by now
-        value_head.load_state_dict(ck["value_head"])
-        opt.load_state_dict(ck["optimizer"])
-        st = RlState(**ck["state"])
-    elif d.main:
-        for stale in ("metrics.jsonl", "checkpoint.pt", "best-policy.safetensors", "best-value.safetensors"):
-            (run_dir / stale).unlink(missing_ok=True)
-
-    def record(entry: dict) -> None:
-        st.history.append(entry)
-        if d.main:
-            with open(run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(entry) + "\n")
-
-    def save_checkpoint() -> None:
-        if d.main:
-            with atomic_path(ckpt) as tmp:
-                torch.save({"policy": policy.state_dict(), "reference": reference.state_dict(),
-                            "value_head": value_head.state_dict(), "optimizer": opt.state_dict(),
-                            "state": st.__dict__}, tmp)
-
-    def save_best() -> None:
-        if d.main:
-            save_weights(policy, run_dir / "best-policy.safetensors")
-            save_weights(value_head, run_dir / "best-value.safetensors")
-
-    def validate() -> bool:
-        """Validation Recall/NDCG by beam search; keeps the best weights; True when early stopping triggers."""
-        with torch.no_grad():
-            ranks = gather_ranks(recommender_ranks(policy, trie, valid, cfg.beam_width, (d.rank, d.world)), d)
-        m = metrics_from_ranks(ranks)
-        record({"step": st.step, **m, "users": int(len(ranks)), "elapsed_s": round(st.elapsed, 1)})
-        track_best(st, m["ndcg@10"], save_best)
-        if d.main:
-            tqdm.write(f"[rl] step {st.step}: valid recall@10 {m['recall@10']:.4f} ndcg@10 {m['ndcg@10']:.4f} "
-                       f"(best {st.best_ndcg:.4f} at step {st.best_step})")
-            plot_curves(st.history, run_dir / "curves.png")
-        return st.evals_since_best >= cfg.patience
-
-    if st.step == 0 and not any("ndcg@10" in h for h in st.history):
-        validate()  # the SFT policy: the bar RL has to clear (and the weights kept if it never does)
-        save_checkpoint()
-    per_epoch = math.ceil(len(pairs.targets) / cfg.batch_size)
+    task = RlTask(policy, value_head, load_trie(bundle), torch.as_tensor(bundle.codes).long(),
+                  F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1), pairs, valid, cfg,
+                  preset.ved, preset.value.gamma, preset.value.reward_weights, d)
     if d.main:
         log(f"rl: {len(pairs.targets)} training contexts, {cfg.rollout} rollouts of {cfg.group_size}, "
             f"{len(valid.targets)} validation users, run dir {run_dir}")
-    bar = tqdm(total=cfg.max_steps, initial=st.step, desc="rl", unit="step", disable=not d.main)
-    stop = False
-    clock = time.time()
-    while not stop and st.step < (cfg.max_steps or math.inf) and st.elapsed < cfg.max_minutes * 60:
-        epoch, b = divmod(st.step, per_epoch)
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(len(pairs.targets))
-        idx = np.array_split(order[b * cfg.batch_size: (b + 1) * cfg.batch_size], d.world)[d.rank]
-        step_seed = cfg.seed * 1_000_003 + st.step
-        r = make_rollouts(policy, reference, value_head, trie, torch.as_tensor(pairs.histories[idx]),
-                          torch.as_tensor(pairs.targets[idx]), codes, vectors, cfg, preset.ved,
-                          torch.Generator().manual_seed(step_seed), step_seed, preset.value.reward_weights)
-        parts = rl_step(policy, value_head, opt, r, cfg, preset.value.gamma, d)
-        st.step += 1
-        now = time.time()
-        st.elapsed += now - clock
-        clock = now
-        stats = {**_rollout_stats(r), **parts}
-        bar.update(1)
-        bar.set_postfix(reward=f"{stats['reward_mean']:.3f}", kl=f"{stats['kl']:.4f}",
-                        minutes=f"{st.elapsed / 60:.1f}/{cfg.max_minutes:g}")
-        if st.step % 10 == 0:
-            record({"step": st.step, "loss": sum(parts[k] for k in ("grpo_loss", "sibling_loss")), **stats})
-        if st.step % cfg.eval_every == 0:
-            stop = validate()
-            clock = time.time()  # validation does not count against the budget
-        if st.step % cfg.checkpoint_every == 0 or stop:
-            save_checkpoint()
-    bar.close()
-    if st.step % cfg.eval_every:  # the last weights are validated too
-        validate()
-    save_checkpoint()
-
-    best = next(h for h in st.history if h.get("step") == st.best_step and "ndcg@10" in h)
+    # The SFT policy is validated first: the bar RL has to clear, and the weights kept if it never does.
+    loop = LoopConfig(seed=cfg.seed, max_minutes=cfg.max_minutes, max_steps=cfg.max_steps,
+                      checkpoint_every=cfg.checkpoint_every, eval_every_epochs=None, eval_every_steps=cfg.eval_every,
+                      eval_at_start=True, patience=cfg.patience, log_every=10)
+    st = run(task, loop, run_dir, resume, d, desc="rl")
     start = next(h for h in st.history if "ndcg@10" in h)
-    summary = {"steps": st.step, "train_seconds": round(st.elapsed, 1), "best_step": st.best_step,
-               "valid": {k: v for k, v in best.items() if "@" in k},
-               "valid_sft": {k: v for k, v in start.items() if "@" in k}, "config": cfg.model_dump()}
+    summary = {**run_summary(st, cfg), "valid_sft": {k: v for k, v in start.items() if "@" in k}}
     if d.main:
-        policy.load_state_dict(load_file(str(run_dir / "best-policy.safetensors")))
-        value_head.load_state_dict(load_file(str(run_dir / "best-value.safetensors")))
+        load_best(task, run_dir)
         update_bundle(bundle_path, {"recommender.safetensors": policy.save, "value.safetensors": value_head.save},
                       training={"rl": summary}, preset={**bundle.manifest["preset"], "rl": cfg.model_dump()})
-        with atomic_file(run_dir / "summary.json") as f:
-            json.dump(summary, f, indent=2)
-        log(f"rl: best validation ndcg@10 {st.best_ndcg:.4f} at step {st.best_step} (SFT {start['ndcg@10']:.4f}); "
+        write_json(run_dir / "summary.json", summary)
+        log(f"rl: best validation ndcg@10 {st.best:.4f} at step {st.best_step} (SFT {start['ndcg@10']:.4f}); "
             f"{st.step} steps in {st.elapsed / 60:.1f} min; policy and value head written to {bundle_path}")
     return summary

@@ -9,16 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import Preset, TrainConfig, load_preset
 from genrec.core.data import eval_split, load_dataset, train_sequences, train_windows
 from genrec.evaluation import recommender_ranks, sasrec_ranks
-from genrec.models.loading import load_trie, prefix_trie
+from genrec.models.loading import SASREC_FILE, load_trie, prefix_trie
 from genrec.models.recommender import Recommender
 from genrec.models.sasrec import SASRec
-from genrec.training.loop import fit, init_distributed, run_summary
+from genrec.training.loop import Supervised, init_distributed, load_best, run, run_summary, supervised_loop
 
 
 def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None):
@@ -46,11 +45,12 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
     model = Recommender(preset.recommender, bundle.vocab_sizes, torch.as_tensor(bundle.codes),
                         torch.as_tensor(prefix.child))
     trie = load_trie(bundle, prefix=prefix)
-    st = fit(model, windows, lambda m, dd: recommender_ranks(m, trie, valid, cfg.beam_width, (dd.rank, dd.world)),
-             cfg, run_dir, resume=resume, d=d, max_steps=max_steps, desc="sft")
+    task = Supervised(model, windows, cfg, lambda m, dd: recommender_ranks(m, trie, valid, cfg.beam_width,
+                                                                          (dd.rank, dd.world)), d)
+    st = run(task, supervised_loop(cfg, max_steps), run_dir, resume, d, desc="sft")
     summary = run_summary(st, cfg, windows=int(len(windows)))
     if d.main:
-        model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
+        load_best(task, run_dir)
         # A value head (and any RL result) belongs to the policy it was fitted to: a new policy drops them.
         stale = bundle.has("value.safetensors")
         update_bundle(bundle_path, {"recommender.safetensors": model.save}, drop=("value.safetensors",),
@@ -60,7 +60,7 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
         if stale:
             log("sft: the bundle's value head was fitted to the previous policy and is dropped: run "
                 "`genrec train value` again before VED decoding")
-        log(f"sft: best validation ndcg@10 {st.best_ndcg:.4f} at step {st.best_step}; "
+        log(f"sft: best validation ndcg@10 {st.best:.4f} at step {st.best_step}; "
             f"{st.step} steps in {st.elapsed / 60:.1f} min; recommender written to {bundle_path}")
     return summary
 
@@ -77,12 +77,11 @@ def train_sasrec(bundle_path: str | Path, data: str | Path, preset_name: str | N
     valid = eval_split(ds, "valid", preset.sasrec.max_history)
     torch.manual_seed(cfg.seed)
     model = SASRec(preset.sasrec, len(bundle.catalog))
-    st = fit(model, windows, lambda m, dd: sasrec_ranks(m, valid, (dd.rank, dd.world)), cfg, run_dir,
-             resume=resume, d=d, max_steps=max_steps, desc="sasrec")
+    task = Supervised(model, windows, cfg, lambda m, dd: sasrec_ranks(m, valid, (dd.rank, dd.world)), d)
+    st = run(task, supervised_loop(cfg, max_steps), run_dir, resume, d, desc="sasrec")
     summary = run_summary(st, cfg, windows=int(len(windows)))
     if d.main:
-        model.load_state_dict(load_file(str(run_dir / "best.safetensors")))
-        update_bundle(bundle_path, {"baselines/sasrec.safetensors": model.save},
-                      training={"sasrec": summary})
-        log(f"sasrec: best validation ndcg@10 {st.best_ndcg:.4f} at step {st.best_step}; written to {bundle_path}")
+        load_best(task, run_dir)
+        update_bundle(bundle_path, {SASREC_FILE: model.save}, training={"sasrec": summary})
+        log(f"sasrec: best validation ndcg@10 {st.best:.4f} at step {st.best_step}; written to {bundle_path}")
     return summary
