@@ -25,7 +25,7 @@ test: install lint-imports
 # The import layers (pyproject.toml, [tool.importlinter]), checked on the package as it installs: the top-level
 # folders become one `genrec` tree only there (lint-imports reads packages from disk).
 lint-imports: install
-	rm -rf build/lint
+	rm -rf build  # setuptools builds in build/lib: a stale file there would be linted (and installed) too
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation --target build/lint .
 	cd build/lint && ../../$(BIN)/lint-imports ../../pyproject.toml
 

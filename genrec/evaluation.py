@@ -20,7 +20,8 @@ from genrec.core.data import SPLIT_CUT, Dataset, Split, eval_split, load_dataset
 from genrec.core.metrics import hit_ranks, metrics_from_ranks, ranking_metrics
 from genrec.models.decoding import Trie, beam_search
 from genrec.models.embedder import Embedder
-from genrec.models.loading import SASREC_FILE, load_recommender, load_sasrec, load_trie, load_value_head
+from genrec.models.loading import (SASREC_FILE, load_recommender, load_sasrec, load_trie, load_value_head,
+                                   prefix_trie)
 from genrec.models.recommender import Recommender
 from genrec.models.sasrec import SASRec
 from genrec.models.value import ValueHead
@@ -99,8 +100,8 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
     bundle.check_catalog(ds)
     split = eval_split(ds, split_name)
     item_ids = bundle.catalog.ids
-    model = load_recommender(bundle)
-    trie = load_trie(bundle)
+    prefix = prefix_trie(bundle)
+    model, trie = load_recommender(bundle, prefix=prefix), load_trie(bundle, prefix=prefix)
     value_head = load_value_head(bundle) if decoding == "ved" else None
     budget = budget or beam_budget(trie.depth, beam_width)
     results: dict = {"split": split_name, "users": int(len(split.targets)), "items": len(bundle.catalog),

@@ -34,7 +34,7 @@ def constrained_topk(logits, node, child_ptr, child_code, base, k: int, max_chil
 
 def ved_scores(logits, tnode, depth, value, visits, child_ptr, child_code, lam: float, beta: float, max_depth: int,
                max_children: int | None = None):
-    """Entropy, priority G, UCB score and gate of every node of a batch of VED trees (see kernels.ved_scores)."""
+    """Entropy, priority G, UCB score and gate of every node of a batch of VED trees (see genrec.kernels.ved_scores)."""
     if use_triton(logits):
         return ved_scores_triton(logits, tnode, depth, value, visits, child_ptr, child_code, lam, beta, max_depth,
                                  max_children)

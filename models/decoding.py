@@ -3,7 +3,7 @@
 beam_search: batched constrained beam search (the baseline every paper compares with).
 sample:      batched constrained sampling with a temperature (rollouts for value fitting and RL, and diversity).
 Log-probabilities are renormalised over the trie-valid children of each prefix, so a complete path's score is
-log P(item | history) under the constrained policy. VED lives in models.ved.
+log P(item | history) under the constrained policy. VED lives in genrec.models.ved.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ __all__ = ["Trie", "Recommendations", "beam_search", "sample", "masked_log_softm
 
 @dataclass
 class Trie:
-    """The prefix trie as tensors on the model's device (see models.semantic_ids.PrefixTrie)."""
+    """The prefix trie as tensors on the model's device (see genrec.models.semantic_ids.PrefixTrie)."""
 
     child: torch.Tensor  # (n_nodes, V) next node, or the item row at the last level; -1 = invalid code
     child_ptr: torch.Tensor  # (n_nodes + 1,) CSR: node n's valid codes are child_code[child_ptr[n]:child_ptr[n + 1]]

@@ -6,7 +6,7 @@ the trie-valid children of forwarded depth-(D - 1) prefixes, scored from those p
 
   1. A true width-B constrained beam over the first `init_depth` levels: the root, then the top-B prefixes per depth;
      the pruned children stay in their parents as unexpanded codes.
-  2. Every node is scored by one fused kernel (kernels.ved_scores): entropy H over its valid children, priority
+  2. Every node is scored by one fused kernel (genrec.kernels.ved_scores): entropy H over its valid children, priority
      G = V + lam * H, UCB score U = G + beta * sqrt(ln(N_root + 1) / (N + 1)), and the gate G >= mean G at its depth.
   3. Select: walk from the root, taking the child with the largest U at each step, and stop at the first node that
      may grow: it passes its gate, still has unexpanded valid codes (a depth-(D - 1) node never does: its children

@@ -24,8 +24,8 @@ def _replace_unary(handler: grpc.RpcMethodHandler, behavior) -> grpc.RpcMethodHa
 
 
 class ObservabilityInterceptor(grpc.ServerInterceptor):
-    """The boundary: maps exceptions to a status with server.errors.status_of, counts every RPC by method and code,
-    and times it."""
+    """The boundary: maps exceptions to a status with genrec.server.errors.status_of, counts every RPC by method and
+    code, and times it."""
 
     def __init__(self, metrics: Metrics):
         self.metrics = metrics

@@ -1,4 +1,4 @@
-"""Sibling-GRPO's pieces against hand-worked cases (models.grpo)."""
+"""Sibling-GRPO's pieces against hand-worked cases (genrec.models.grpo)."""
 
 import math
 

@@ -1,5 +1,5 @@
-"""Sibling-GRPO training (training.rl): one step moves every parameter, micro-batches add up to the full batch, and
-`genrec train rl` resumes exactly and writes a new bundle version."""
+"""Sibling-GRPO training (genrec.training.rl): one step moves every parameter, micro-batches add up to the full batch,
+and `genrec train rl` resumes exactly and writes a new bundle version."""
 
 import copy
 import json

@@ -122,7 +122,7 @@ def test_hard_negatives_per_row_match_a_slow_count():
     q, d, pairs = random_pairs(5, 50, 120)
     near = nearest_positives(q, d, pairs, pool=8)
     known = {tuple(p) for p in pairs.tolist()}
-    for batches in (random_batches(len(pairs), 16, 2, 0), fill_batches(hard_clusters(q, near, pairs, 3, 1), 16)):
+    for batches in (random_batches(len(pairs), 16, 2), fill_batches(hard_clusters(q, near, pairs, 3, 1), 16)):
         fast = hard_negatives_per_row(batches, near, pairs)
         for b in batches:
             for i in b:
@@ -135,7 +135,7 @@ def test_saha_batches_hold_more_hard_negatives_than_random_ones():
     q, d, pairs = random_pairs(6, 1000, 3000)
     near = nearest_positives(q, d, pairs, pool=10)
     saha = hard_negatives_per_row(fill_batches(hard_clusters(q, near, pairs, 3, 1), 32), near, pairs)
-    plain = hard_negatives_per_row(random_batches(len(pairs), 32, 2, 0), near, pairs)
+    plain = hard_negatives_per_row(random_batches(len(pairs), 32, 2), near, pairs)
     assert saha.mean() > 2 * plain.mean()
 
 
@@ -149,7 +149,7 @@ def test_batches_keep_clusters_together_and_use_each_pair_once():
     sevens, singles = [np.arange(i * 7, i * 7 + 7) for i in range(8)], [np.array([56 + i]) for i in range(8)]
     big_then_small = fill_batches(sevens + singles, 8)
     assert [len(b) for b in big_then_small] == [8] * 8  # a later single fills the gap an earlier cluster left
-    plain = random_batches(100, 8, seed=0, epoch=0)
+    plain = random_batches(100, 8, seed=0)
     assert sorted(np.concatenate(plain).tolist()) == list(range(100)) and all(len(b) <= 8 for b in plain)
 
 

@@ -64,6 +64,17 @@ def test_resume_without_checkpoint_is_a_clear_error(tmp_path, tiny_bundle, tiny_
     assert proc.returncode == 2 and "no checkpoint" in proc.stderr and "without --resume" in proc.stderr
 
 
+def test_resume_with_other_settings_is_refused_and_limits_may_grow(tmp_path, tiny_bundle, tiny_data):
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    args = ["train", "sft", "--bundle", bundle, "--data", tiny_data, "--run-dir", tmp_path / "run", "--batch-size", "32"]
+    run_cli(*args, "--max-steps", "2")
+    proc = run_cli(*args[:-1], "16", "--max-steps", "4", "--resume", check=False)
+    assert proc.returncode == 2 and "batch_size 32 (now 16)" in proc.stderr and "start fresh" in proc.stderr
+    run_cli(*args, "--max-steps", "4", "--resume")  # a higher limit is no other recipe: the run goes on
+    assert read_checkpoint(tmp_path / "run")[1]["step"] == 4
+
+
 def test_ddp_two_processes(tmp_path, tiny_bundle, tiny_data):
     bundle = tmp_path / "ddp"
     shutil.copytree(tiny_bundle, bundle)

@@ -34,8 +34,8 @@ from genrec.core.config import EmbedderConfig, EmbedderTrainConfig
 from genrec.core.data import load_dataset, train_sequences
 from genrec.evaluation import evaluate_retrieval, heldout_pairs
 from genrec.models.embedder import CONFIG_FILE
-from genrec.training.loop import (Dist, Supervised, barrier, init_distributed, load_best, random_batches, run, run_summary,
-                                  supervised_loop)
+from genrec.training.loop import (Dist, Supervised, barrier, init_distributed, load_best, random_batches, run,
+                                  run_summary, supervised_loop)
 
 def next_item_pairs(seqs: list[np.ndarray]) -> np.ndarray:
     """(P, 2) distinct (item, next item) catalog rows from training sequences, repeats of the same item skipped."""
@@ -258,7 +258,7 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     def batches(epoch: int) -> list[np.ndarray]:
         seed = cfg.seed * 1000 + epoch
         if not cfg.hard_negatives:
-            return random_batches(len(pairs), cfg.batch_size, cfg.seed, epoch)
+            return random_batches(len(pairs), cfg.batch_size, seed)
         # Mined with the weights at the epoch's start and kept for --resume; keyed by what shapes the batches.
         cache = run_dir / f"clusters-epoch{epoch}-b{cfg.batch_size}-k{cfg.k}-p{cfg.pool}-s{cfg.seed}.npz"
         if d.main and not cache.exists():
@@ -289,7 +289,8 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
         return evaluate_retrieval(embedder, texts, valid, (dd.rank, dd.world))
 
     task = Supervised(model, pairs, cfg, evaluate, d, batches=batches)
-    st = run(task, supervised_loop(cfg, max_steps, log_every=10), run_dir, resume, d, desc="embedder")
+    recipe = {**cfg.model_dump(), "embedder": embedder_cfg.model_dump()}
+    st = run(task, supervised_loop(cfg, max_steps, log_every=10), run_dir, recipe, resume, d, desc="embedder")
     summary = {**run_summary(st, cfg, pairs=int(len(pairs))), "embedder": embedder_cfg.model_dump()}
     best = summary["valid"]
     if d.main:

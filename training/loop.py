@@ -9,13 +9,12 @@ validation); `run` does the rest, the same way for all of them:
   - validation every N epochs or N steps (optionally before the first step), early stopping with patience on one
     metric (higher or lower is better), the best modules kept as safetensors, a wall-time budget that validation
     does not spend, and a step limit that a later run may raise;
-  - DDP under torchrun (gloo on CPU, NCCL when the task trains on CUDA): every rank takes its slice of each global
-    batch, and all ranks agree on when to stop;
+  - DDP under torchrun: every rank takes its slice of each global batch, and all ranks agree on when to stop;
   - a progress bar, a JSON-lines log and a PNG of the curves in the run directory.
 Why our own loop and not Lightning Fabric or Accelerate: exact mid-epoch resume needs the data order and the RNG
-under the loop's control, and four of the five tasks are not a forward/backward on a batch (RL draws rollouts,
-micro-batches and clips two parameter groups apart; the value head fits a frozen policy's samples). What a library
-would add (device placement, DDP, mixed precision) is a few lines here.
+under the loop's control; two of the five tasks are not a forward/backward on a batch (RL draws rollouts,
+micro-batches and clips two parameter groups apart; the value head fits a frozen policy's samples) and the embedder
+mines its batches between epochs. What a library would add (device placement, mixed precision) is a few lines here.
 """
 
 from __future__ import annotations
@@ -52,12 +51,11 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device: str = "cpu") -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise. NCCL only when the
-    tensors that cross ranks live on CUDA."""
+def init_distributed() -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+        dist.init_process_group("gloo")  # training runs on CPU tensors, also on a machine with a GPU
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size())
     return Dist()
@@ -110,6 +108,7 @@ class LoopState:
     evals_since_best: int = 0
     last_eval_step: int = -1
     stopped_early: bool = False  # by patience; a run that stopped at a limit goes on when resumed with a higher one
+    recipe: dict = field(default_factory=dict)  # the trainer's config; a resume must use the same (limits aside)
     history: list = field(default_factory=list)
 
     def best_eval(self) -> dict:
@@ -151,6 +150,10 @@ def load_best(task: Task, run_dir: Path) -> None:
         task.modules[name].load_state_dict(load_file(str(best_path(run_dir, name))))
 
 
+# Settings a resumed run may change: they say how long to go on, not what a step does.
+LIMITS = frozenset({"max_minutes", "max_epochs", "max_steps", "patience", "checkpoint_every"})
+
+
 def _rng_state() -> dict:
     state = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -158,13 +161,21 @@ def _rng_state() -> dict:
     return state
 
 
-def save_checkpoint(task: Task, st: LoopState, run_dir: Path) -> None:
-    """modules.safetensors + optimizer.pt (tensors and plain containers only) + state.json, as one directory."""
+def save_checkpoint(task: Task, st: LoopState, run_dir: Path, d: Dist = Dist()) -> None:
+    """modules.safetensors + optimizer.pt (tensors and plain containers only) + state.json, as one directory.
+    Called on every rank (each rank's RNG state is gathered: dropout draws differ between ranks); the main one
+    writes."""
+    rng = [_rng_state()]
+    if d.world > 1:
+        rng = [None] * d.world
+        dist.all_gather_object(rng, _rng_state())
+    if not d.main:
+        return
     with atomic_dir(Path(run_dir) / CHECKPOINT) as tmp:
         tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in task.modules.items()
                    for k, v in m.state_dict().items()}
         save_file(tensors, str(tmp / "modules.safetensors"))
-        torch.save({"optimizer": task.optimizer.state_dict(), "rng": _rng_state()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": task.optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(asdict(st)))
 
 
@@ -180,17 +191,23 @@ def read_checkpoint(run_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], 
     return weights, json.loads((path / "state.json").read_text())
 
 
-def load_checkpoint(task: Task, run_dir: Path) -> LoopState:
+def load_checkpoint(task: Task, run_dir: Path, recipe: dict, d: Dist = Dist()) -> LoopState:
     """Restore the task and the loop state from run_dir/checkpoint, or say how to start fresh."""
     weights, state = read_checkpoint(run_dir)
+    changed = {k for k in set(recipe) | set(state["recipe"]) if k not in LIMITS
+               and state["recipe"].get(k) != recipe.get(k)}
+    if changed:
+        was = ", ".join(f"{k} {state['recipe'].get(k)!r} (now {recipe.get(k)!r})" for k in sorted(changed))
+        raise ValueError(f"--resume: the run in {run_dir} was trained with {was}: resume with its settings (only "
+                         f"{', '.join(sorted(LIMITS))} may change), or start fresh without --resume")
     for name, m in task.modules.items():
         m.load_state_dict(weights.get(name, {}))
-    path = Path(run_dir) / CHECKPOINT
-    rest = torch.load(path / "optimizer.pt", weights_only=True)
+    rest = torch.load(Path(run_dir) / CHECKPOINT / "optimizer.pt", weights_only=True)
     task.optimizer.load_state_dict(rest["optimizer"])
-    torch.set_rng_state(rest["rng"]["torch"])
-    if "cuda" in rest["rng"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rest["rng"]["cuda"])
+    rng = rest["rng"][d.rank] if d.rank < len(rest["rng"]) else rest["rng"][0]
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
     return LoopState(**state)
 
 
@@ -223,17 +240,22 @@ def run_summary(st: LoopState, cfg, **sizes) -> dict:
             "best_step": st.best_step, "valid": st.best_eval(), "config": cfg.model_dump()}
 
 
-def run(task: Task, cfg: LoopConfig, run_dir: Path, resume: bool = False, d: Dist | None = None,
+def run(task: Task, cfg: LoopConfig, run_dir: Path, recipe: dict, resume: bool = False, d: Dist | None = None,
         desc: str = "train") -> LoopState:
-    """Train `task` until a limit, early stopping or the end; the best modules are in run_dir (load_best)."""
+    """Train `task` until a limit, early stopping or the end; the best modules are in run_dir (load_best).
+    `recipe` is the trainer's config, kept with the checkpoint: a resumed run must bring the same, limits aside."""
     d = d or Dist()
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     log_file = run_dir / "metrics.jsonl"
+    recipe = json.loads(json.dumps(recipe))  # as the checkpoint will hold it (tuples become lists)
     if resume:
-        st = load_checkpoint(task, run_dir)
+        st = load_checkpoint(task, run_dir, recipe, d)
+        if d.main:  # lines a killed run logged after its checkpoint are dropped: they are about to be redone
+            with atomic_file(log_file) as f:
+                f.writelines(json.dumps(h) + "\n" for h in st.history)
     else:
-        st = LoopState()
+        st = LoopState(recipe=recipe)
         torch.manual_seed(cfg.seed)  # dropout and any other use of the global generator start from the seed
         if d.main:
             shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
@@ -248,8 +270,8 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, resume: bool = False, d: Dis
                 f.write(json.dumps(entry) + "\n")
 
     def checkpoint() -> None:
+        save_checkpoint(task, st, run_dir, d)
         if d.main:
-            save_checkpoint(task, st, run_dir)
             with atomic_file(log_file) as f:  # the log matches the checkpoint, so a resume never duplicates lines
                 f.writelines(json.dumps(h) + "\n" for h in st.history)
 
@@ -286,7 +308,9 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, resume: bool = False, d: Dis
         validate()
         checkpoint()
     limit, logs, logged_at = False, None, -1
-    while not limit and not st.stopped_early and (cfg.max_epochs is None or st.epoch < cfg.max_epochs):
+    while not st.stopped_early and (cfg.max_epochs is None or st.epoch < cfg.max_epochs):
+        if limit := out_of_budget():  # before the epoch's batches: the embedder mines them
+            break
         batches = task.batches(st.epoch)
         bar = tqdm(total=len(batches), initial=st.batch_in_epoch, desc=f"{desc} epoch {st.epoch}", unit="step",
                    disable=not d.main, leave=False)
@@ -319,8 +343,8 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, resume: bool = False, d: Dis
         if limit or st.stopped_early:
             break
         st.epoch, st.batch_in_epoch = st.epoch + 1, 0
-        last = cfg.max_epochs is not None and st.epoch == cfg.max_epochs
-        if cfg.eval_every_epochs and (st.epoch % cfg.eval_every_epochs == 0 or last):
+        due = cfg.eval_every_epochs and (st.epoch % cfg.eval_every_epochs == 0 or st.epoch == cfg.max_epochs)
+        if due and st.last_eval_step != st.step:  # not twice at one step (an epoch may end on a step-validation)
             validate()
         checkpoint()
     if st.last_eval_step != st.step:  # the last weights are validated too
@@ -378,6 +402,7 @@ class Supervised:
 
 
 def supervised_loop(cfg: TrainConfig, max_steps: int | None, log_every: int = 50) -> LoopConfig:
+    """The loop of a Supervised task: validation every `eval_every` epochs, early stopping on NDCG@10."""
     return LoopConfig(seed=cfg.seed, max_minutes=cfg.max_minutes, max_epochs=cfg.max_epochs, max_steps=max_steps,
                       checkpoint_every=cfg.checkpoint_every, eval_every_epochs=cfg.eval_every, patience=cfg.patience,
                       log_every=log_every)
@@ -398,9 +423,9 @@ def epoch_batches(lengths: np.ndarray, batch_size: int, seed: int, epoch: int) -
     return [batches[i] for i in order]
 
 
-def random_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """Every row once per epoch, in random batches; deterministic in (seed, epoch)."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
+def random_batches(n: int, batch_size: int, seed) -> list[np.ndarray]:
+    """Every row once, in random batches; deterministic in `seed` (an int, or e.g. [seed, epoch])."""
+    order = np.random.default_rng(seed).permutation(n)
     return [order[i: i + batch_size] for i in range(0, n, batch_size)]
 
 

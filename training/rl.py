@@ -2,9 +2,9 @@
 
 One step, for a batch of (history, target) contexts from the training part of the sequences:
   1. Rollouts (no gradient): G distinct candidates per context from the current policy, by VED (default), beam
-     search, or constrained sampling; their rewards (models.grpo), group advantages, and sibling advantages over each
-     context's candidate tree. The log-probabilities of the rollout policy and of the frozen SFT reference are taken
-     by teacher forcing once, before any update.
+     search, or constrained sampling; their rewards (genrec.models.grpo), group advantages, and sibling advantages
+     over each context's candidate tree. The log-probabilities of the rollout policy and of the frozen SFT
+     reference are taken by teacher forcing once, before any update.
   2. `inner_epochs` passes over the batch, in micro-batches whose gradients add up to the full batch's (every loss
      is normalised by counts over the whole global batch): group GRPO on every candidate token, Sibling-GRPO on each
      sibling node once, both with importance ratios (optionally PPO-clipped), + kl_beta * k3 KL to the reference,
@@ -12,7 +12,7 @@ One step, for a batch of (history, target) contexts from the training part of th
      the policy, it does not steer it).
 The policy runs without dropout, so the ratio of the first pass is exactly 1. Validation Recall/NDCG@10 with beam
 search every `eval_every` steps; the best policy (and its value head) is written into a new bundle version. Exact
-resume: the context order and the rollout noise are functions of (seed, step). The loop is training.loop's.
+resume: the context order and the rollout noise are functions of (seed, step). The loop is genrec.training.loop's.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from genrec.core.data import eval_split, load_dataset, train_pairs, train_sequen
 from genrec.evaluation import recommender_ranks
 from genrec.models.decoding import Trie, beam_search, sample
 from genrec.models.grpo import combined_reward, group_advantages, k3_kl, policy_ratio_loss, sibling_advantages
-from genrec.models.loading import load_recommender, load_trie, load_value_head
+from genrec.models.loading import load_recommender, load_trie, load_value_head, prefix_trie
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead, level_rewards, td_targets
 from genrec.models.ved import ved_decode
@@ -202,7 +202,7 @@ class RlTask:
                                            weight_decay=0.0)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        return random_batches(len(self.pairs.targets), self.cfg.batch_size, self.cfg.seed, epoch)
+        return random_batches(len(self.pairs.targets), self.cfg.batch_size, [self.cfg.seed, epoch])
 
     def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
         step_seed = self.cfg.seed * 1_000_003 + step  # the rollout noise is a function of the step: exact resume
@@ -238,7 +238,8 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
                          f"--data {data}` first, or pass --rollout beam")
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "rl")
 
-    policy = load_recommender(bundle)  # eval mode: no dropout, so the first pass's importance ratio is exactly 1
+    prefix = prefix_trie(bundle)
+    policy = load_recommender(bundle, prefix=prefix)  # eval mode: no dropout, so the first pass's ratio is exactly 1
     torch.manual_seed(cfg.seed)
     value_head = load_value_head(bundle) if bundle.has("value.safetensors") else ValueHead(policy.cfg.d_model)
     value_head.eval()
@@ -247,7 +248,7 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     if cfg.valid_users and cfg.valid_users < len(valid.targets):
         pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(valid.targets))[: cfg.valid_users])
         valid = type(valid)(valid.users[pick], valid.histories[pick], valid.targets[pick])
-    task = RlTask(policy, value_head, load_trie(bundle), torch.as_tensor(bundle.codes).long(),
+    task = RlTask(policy, value_head, load_trie(bundle, prefix=prefix), torch.as_tensor(bundle.codes).long(),
                   F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1), pairs, valid, cfg,
                   preset.ved, preset.value.gamma, preset.value.reward_weights, d)
     if d.main:
@@ -257,7 +258,9 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     loop = LoopConfig(seed=cfg.seed, max_minutes=cfg.max_minutes, max_steps=cfg.max_steps,
                       checkpoint_every=cfg.checkpoint_every, eval_every_epochs=None, eval_every_steps=cfg.eval_every,
                       eval_at_start=True, patience=cfg.patience, log_every=10)
-    st = run(task, loop, run_dir, resume, d, desc="rl")
+    recipe = {**cfg.model_dump(), "ved": preset.ved.model_dump(), "gamma": preset.value.gamma,
+              "reward_weights": preset.value.reward_weights}
+    st = run(task, loop, run_dir, recipe, resume, d, desc="rl")
     start = next(h for h in st.history if "ndcg@10" in h)
     summary = {**run_summary(st, cfg), "valid_sft": {k: v for k, v in start.items() if "@" in k}}
     if d.main:

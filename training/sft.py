@@ -47,7 +47,8 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
     trie = load_trie(bundle, prefix=prefix)
     task = Supervised(model, windows, cfg, lambda m, dd: recommender_ranks(m, trie, valid, cfg.beam_width,
                                                                           (dd.rank, dd.world)), d)
-    st = run(task, supervised_loop(cfg, max_steps), run_dir, resume, d, desc="sft")
+    recipe = {**cfg.model_dump(), "recommender": preset.recommender.model_dump()}
+    st = run(task, supervised_loop(cfg, max_steps), run_dir, recipe, resume, d, desc="sft")
     summary = run_summary(st, cfg, windows=int(len(windows)))
     if d.main:
         load_best(task, run_dir)
@@ -78,7 +79,8 @@ def train_sasrec(bundle_path: str | Path, data: str | Path, preset_name: str | N
     torch.manual_seed(cfg.seed)
     model = SASRec(preset.sasrec, len(bundle.catalog))
     task = Supervised(model, windows, cfg, lambda m, dd: sasrec_ranks(m, valid, (dd.rank, dd.world)), d)
-    st = run(task, supervised_loop(cfg, max_steps), run_dir, resume, d, desc="sasrec")
+    recipe = {**cfg.model_dump(), "sasrec": preset.sasrec.model_dump()}
+    st = run(task, supervised_loop(cfg, max_steps), run_dir, recipe, resume, d, desc="sasrec")
     summary = run_summary(st, cfg, windows=int(len(windows)))
     if d.main:
         load_best(task, run_dir)

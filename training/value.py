@@ -1,12 +1,12 @@
 """`genrec train value`: fit V-STAR's value head on the SFT policy's own rollouts (the policy stays frozen).
 
-Each step samples `rollouts` constrained completions per (history, target) pair from the policy, scores every level
-with the dense reward and regresses V(s_l) on the TD target r_l + gamma * V(s_{l+1}) (models.value). Validation, after
+Each step samples `rollouts` constrained completions per (history, target) pair from the policy, scores every level with
+the dense reward and regresses V(s_l) on the TD target r_l + gamma * V(s_{l+1}) (genrec.models.value). Validation, after
 every epoch on a fixed sample of validation users and a fixed seed: the TD loss, and how well V of the last forwarded
-prefix separates rollouts that hit the target from those that miss (its mean on each side and the AUC). The head
-with the lowest validation TD loss is written into the bundle as value.safetensors. The rollouts of a step are a
-function of (seed, step), so a killed run resumes exactly (`--resume`); under torchrun every rank fits its slice of
-each batch and validates its shard of the users.
+prefix separates rollouts that hit the target from those that miss (its mean on each side and the AUC). The head with
+the lowest validation TD loss is written into the bundle as value.safetensors. The rollouts of a step are a function of
+(seed, step), so a killed run resumes exactly (`--resume`); under torchrun every rank fits its slice of each batch and
+validates its shard of the users.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import ValueConfig, load_preset
 from genrec.core.data import eval_split, load_dataset, train_sequences, train_windows
 from genrec.models.decoding import Trie, sample
-from genrec.models.loading import load_recommender, load_trie
+from genrec.models.loading import load_recommender, load_trie, prefix_trie
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead, level_rewards, td_targets
 from genrec.training.loop import (Dist, LoopConfig, gather_ranks, init_distributed, load_best, random_batches, run,
@@ -79,7 +79,7 @@ class ValueTask:
         self.forward = torch.nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        return random_batches(len(self.targets), self.cfg.batch_size, self.cfg.seed, epoch)
+        return random_batches(len(self.targets), self.cfg.batch_size, [self.cfg.seed, epoch])
 
     def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
         self.head.train()
@@ -126,10 +126,11 @@ def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | No
     ds = load_dataset(data)
     bundle.check_catalog(ds)
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "value")
-    policy = load_recommender(bundle)
+    prefix = prefix_trie(bundle)
+    policy = load_recommender(bundle, prefix=prefix)
     for p in policy.parameters():
         p.requires_grad_(False)
-    scorer = RolloutScorer(policy, load_trie(bundle), bundle.item_vectors, bundle.codes, cfg)
+    scorer = RolloutScorer(policy, load_trie(bundle, prefix=prefix), bundle.item_vectors, bundle.codes, cfg)
 
     # One (history, next item) pair per training window: its most recent target.
     windows = train_windows(train_sequences(ds), policy.cfg.max_history)
@@ -144,7 +145,7 @@ def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | No
     loop = LoopConfig(seed=cfg.seed, max_minutes=cfg.max_minutes, max_epochs=cfg.max_epochs, checkpoint_every=50,
                       metric="valid_td_loss", higher_is_better=False, log_every=20,
                       curve_keys=("valid_td_loss", "value_auc"))
-    st = run(task, loop, run_dir, resume, d, desc="value")
+    st = run(task, loop, run_dir, cfg.model_dump(), resume, d, desc="value")
     summary = run_summary(st, cfg)
     if d.main:
         load_best(task, run_dir)
