@@ -101,6 +101,11 @@ def _train_overrides(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
+class SplitName(str, Enum):
+    valid = "valid"
+    test = "test"
+
+
 def _train_command(kind: str):
     def command(
         bundle: BundlePath,
@@ -116,16 +121,21 @@ def _train_command(kind: str):
         checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="steps between checkpoints")] = None,
         eval_every: Annotated[Optional[int], typer.Option(min=1, help="epochs between validations")] = None,
         seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+        fit: Annotated[SplitName, typer.Option(
+            help="valid: train on all but each user's last two items, keep the best weights on the validation split; "
+                 "test: train again with the validation item included, for the epochs the valid fit chose (the "
+                 "eSASRec protocol, before `genrec eval --split test --filter-seen`)")] = SplitName.valid,
     ):
         from genrec.training.sft import train_sasrec, train_sft
 
         fn = train_sft if kind == "sft" else train_sasrec
         overrides = _train_overrides(max_minutes=max_minutes, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                                      checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed)
-        fn(bundle, data, preset, run_dir, resume, overrides, max_steps)
+        fn(bundle, data, preset, run_dir, resume, overrides, max_steps, fit.value)
 
     command.__doc__ = {"sft": "Supervised next-item training of the recommender (semantic-ID generation).",
-                       "sasrec": "Train the SASRec baseline (item ids, full softmax) under the same protocol."}[kind]
+                       "sasrec": "Train the SASRec baseline (item ids; full or sampled softmax) under the same "
+                                 "protocol."}[kind]
     return clear_errors(command)
 
 
@@ -329,11 +339,6 @@ class Decoding(str, Enum):
     ved = "ved"
 
 
-class SplitName(str, Enum):
-    valid = "valid"
-    test = "test"
-
-
 @app.command("eval")
 @clear_errors
 def evaluate(
@@ -347,6 +352,8 @@ def evaluate(
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="items per user")] = 10,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON here")] = None,
     predictions: Annotated[Optional[Path], typer.Option(help="write one JSON line per user here")] = None,
+    filter_seen: Annotated[bool, typer.Option(help="keep each user's earlier items out of every model's list "
+                                              "(the eSASRec / RecTools protocol)")] = False,
 ):
     """Full-catalog Recall/NDCG@5/10 and invalid rate of the recommender, with popularity and SASRec baselines."""
     from genrec.core.bundle import Bundle
@@ -358,7 +365,7 @@ def evaluate(
     if decoding == Decoding.beam and budget is not None:
         raise ValueError("--budget applies to --decoding ved; beam search spends 1 + (D - 1) * beam_width forwards")
     results = run(Bundle.load(bundle), load_dataset(data), split.value, k, beam_width, predictions,
-                  decoding=decoding.value, budget=budget)
+                  decoding=decoding.value, budget=budget, filter_seen=filter_seen)
     if json_out:
         from genrec.core.atomic import write_json
 

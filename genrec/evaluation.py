@@ -1,7 +1,9 @@
 """Full-catalog evaluation (leave-one-out, Recall/NDCG@5/10) of the recommender and its baselines.
 
 Metrics are computed from the ranked lists that are also written as predictions, so anyone can recompute them.
-A missing or invalid slot (no item, a duplicate) is a miss and counts in the invalid rate.
+A missing or invalid slot (no item, a duplicate) is a miss and counts in the invalid rate. Two protocols: TIGER's
+(nothing filtered) and, with `filter_seen`, the eSASRec / RecTools one, where the items a user already has are kept
+out of every model's list (the 5-core data hold no repeated items, so a seen item is never the target).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import torch
 from genrec.core.atomic import atomic_file
 from genrec.core.bundle import Bundle
 from genrec.core.config import EmbedderConfig, VedConfig
-from genrec.core.data import SPLIT_CUT, Dataset, Split, eval_split, load_dataset, popularity
+from genrec.core.data import Dataset, Split, eval_split, load_dataset, popularity, seen_items
 from genrec.core.metrics import hit_ranks, metrics_from_ranks, ranking_metrics
 from genrec.models.decoding import Trie, beam_search
 from genrec.models.embedder import Embedder
@@ -28,21 +30,35 @@ from genrec.models.value import ValueHead
 from genrec.models.ved import beam_budget, ved_decode
 
 
+def seen_mask(seen: list[np.ndarray] | None, rows: slice, n_items: int) -> torch.Tensor | None:
+    """(B, N) bool: the items users `rows` of `seen` already have (None when nothing is filtered)."""
+    if seen is None:
+        return None
+    part = seen[rows]
+    mask = torch.zeros(len(part), n_items, dtype=torch.bool)
+    mask[torch.as_tensor(np.repeat(np.arange(len(part)), [len(s) for s in part])),
+         torch.as_tensor(np.concatenate(part) if part else np.zeros(0, dtype=np.int64))] = True
+    return mask
+
+
 @torch.no_grad()
 def generate_topk(model: Recommender, trie: Trie, histories: np.ndarray, k: int, beam_width: int,
                   batch_size: int = 256, decoding: str = "beam", value_head: ValueHead | None = None,
-                  budget: int | None = None, ved: VedConfig = VedConfig()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  budget: int | None = None, ved: VedConfig = VedConfig(),
+                  seen: list[np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(N, T) histories -> (N, k) catalog rows, their scores, and the model forwards spent per user, by constrained
-    beam search (k <= beam_width; its forwards are 1 + (D - 1) * beam_width) or VED (any k, within `budget`)."""
+    beam search (k <= beam_width; its forwards are 1 + (D - 1) * beam_width) or VED (any k, within `budget`).
+    seen: per user, items never to return."""
     items, scores, forwards = [], [], []
     for s in range(0, len(histories), batch_size):
         h = torch.as_tensor(histories[s: s + batch_size])
         h = h[:, -max(1, int((h >= 0).sum(1).max())):]  # drop columns that are padding for the whole batch
+        exclude = seen_mask(seen, slice(s, s + batch_size), len(model.item_codes))
         if decoding == "ved":
-            rec = ved_decode(model, value_head, trie, h, k, beam_width, budget, ved)
+            rec = ved_decode(model, value_head, trie, h, k, beam_width, budget, ved, exclude)
             forwards.append(rec.forwards.numpy())
         else:
-            rec = beam_search(model, trie, h, beam_width, min(k, beam_width))
+            rec = beam_search(model, trie, h, beam_width, min(k, beam_width), exclude)
             forwards.append(np.full(len(h), beam_budget(trie.depth, beam_width)))
         got = rec.items.shape[1]
         items.append(np.pad(rec.items.numpy(), ((0, 0), (0, k - got)), constant_values=-1))
@@ -51,11 +67,29 @@ def generate_topk(model: Recommender, trie: Trie, histories: np.ndarray, k: int,
 
 
 @torch.no_grad()
-def sasrec_topk(model: SASRec, histories: np.ndarray, k: int, batch_size: int = 512) -> np.ndarray:
+def sasrec_topk(model: SASRec, histories: np.ndarray, k: int, batch_size: int = 512,
+                seen: list[np.ndarray] | None = None) -> np.ndarray:
     out = []
     for s in range(0, len(histories), batch_size):
-        h = torch.as_tensor(histories[s: s + batch_size])
-        out.append(model.scores(h).topk(k, dim=1).indices.numpy())
+        scores = model.scores(torch.as_tensor(histories[s: s + batch_size]))  # (B, N)
+        exclude = seen_mask(seen, slice(s, s + batch_size), model.n_items)
+        if exclude is not None:
+            scores = scores.masked_fill(exclude, float("-inf"))
+        out.append(scores.topk(k, dim=1).indices.numpy())
+    return np.concatenate(out)
+
+
+def popularity_topk(counts: np.ndarray, n_users: int, k: int, seen: list[np.ndarray] | None = None,
+                    batch_size: int = 512) -> np.ndarray:
+    """The k most popular items for every user (ties to the lower row), leaving out each user's seen items."""
+    order = np.argsort(-counts, kind="stable")
+    if seen is None:
+        return np.tile(order[:k], (n_users, 1))
+    rank = torch.as_tensor(np.argsort(order).astype(np.float32))  # item -> its popularity rank
+    out = []
+    for s in range(0, n_users, batch_size):
+        exclude = seen_mask(seen, slice(s, s + batch_size), len(counts))
+        out.append((-rank).expand(len(exclude), -1).masked_fill(exclude, float("-inf")).topk(k, dim=1).indices.numpy())
     return np.concatenate(out)
 
 
@@ -93,24 +127,36 @@ def write_predictions(path: Path, split: Split, topk_rows: np.ndarray, scores: n
             f.write(json.dumps(rec) + "\n")
 
 
+def fit_of(bundle: Bundle, model: str) -> str:
+    """'valid' (trained on all but the last two items of each user) or 'test' (the validation item included)."""
+    return bundle.manifest.get("training", {}).get(model, {}).get("fit", "valid")
+
+
 def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_width: int = 20,
-             predictions: Path | None = None, log=print, decoding: str = "beam", budget: int | None = None) -> dict:
+             predictions: Path | None = None, log=print, decoding: str = "beam", budget: int | None = None,
+             filter_seen: bool = False) -> dict:
     """Evaluate the bundle's recommender and the baselines on one split; returns the results as a dict.
-    decoding "beam" (width beam_width) or "ved" (initial beam beam_width, `budget` forwards, default the beam's)."""
+    decoding "beam" (width beam_width) or "ved" (initial beam beam_width, `budget` forwards, default the beam's).
+    filter_seen keeps each user's earlier items out of every list (the eSASRec protocol)."""
     bundle.check_catalog(ds)
-    split = eval_split(ds, split_name)
-    item_ids = bundle.catalog.ids
+    if split_name == "valid" and fit_of(bundle, "sft") == "test":
+        raise ValueError(f"{bundle.path}: the recommender was fitted with the validation items (`--fit test`), so "
+                         "the validation split would be scored on its own training data: evaluate --split test")
     prefix = prefix_trie(bundle)
     model, trie = load_recommender(bundle, prefix=prefix), load_trie(bundle, prefix=prefix)
+    split = eval_split(ds, split_name, model.cfg.max_history)
+    seen = seen_items(ds, split_name) if filter_seen else None
+    item_ids = bundle.catalog.ids
     value_head = load_value_head(bundle) if decoding == "ved" else None
     budget = budget or beam_budget(trie.depth, beam_width)
     results: dict = {"split": split_name, "users": int(len(split.targets)), "items": len(bundle.catalog),
-                     "decoding": decoding, "beam_width": beam_width, "budget": budget, "k": k}
+                     "decoding": decoding, "beam_width": beam_width, "budget": budget, "k": k,
+                     "filter_seen": filter_seen, "fit": fit_of(bundle, "sft")}
     if decoding == "ved":
         results["ved"] = bundle.preset.ved.model_dump()
     t0 = time.time()
     topk, scores, forwards = generate_topk(model, trie, split.histories, k, beam_width, decoding=decoding,
-                                           value_head=value_head, budget=budget, ved=bundle.preset.ved)
+                                           value_head=value_head, budget=budget, ved=bundle.preset.ved, seen=seen)
     elapsed = time.time() - t0
     metrics = ranking_metrics(topk, split.targets)
     results.update(metrics)
@@ -121,13 +167,13 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
     if predictions is not None:
         write_predictions(Path(predictions), split, topk, scores, item_ids)
 
-    seen = [s[: len(s) - SPLIT_CUT[split_name]] for s in ds.sequences if len(s) >= 3]
-    counts = popularity(seen, len(bundle.catalog))
-    pop_top = np.argsort(-counts, kind="stable")[:k]
-    baselines = {"popularity": ranking_metrics(np.tile(pop_top, (len(split.targets), 1)), split.targets)}
-    if bundle.has(SASREC_FILE):
+    counts = popularity(seen_items(ds, split_name), len(bundle.catalog))
+    baselines = {"popularity": ranking_metrics(popularity_topk(counts, len(split.targets), k, seen), split.targets)}
+    if bundle.has(SASREC_FILE) and not (split_name == "valid" and fit_of(bundle, "sasrec") == "test"):
         sas = load_sasrec(bundle)
-        baselines["sasrec"] = ranking_metrics(sasrec_topk(sas, split.histories, k), split.targets)
+        histories = eval_split(ds, split_name, sas.cfg.max_history).histories  # its own window (e.g. 50 items)
+        baselines["sasrec"] = ranking_metrics(sasrec_topk(sas, histories, k, seen=seen), split.targets)
+        results["fit_sasrec"] = fit_of(bundle, "sasrec")
     results["baselines"] = baselines
     for name, m in [("genrec", metrics), *baselines.items()]:
         log(f"{name:>12}: " + "  ".join(f"{key} {val:.4f}" for key, val in m.items()))

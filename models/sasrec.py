@@ -1,6 +1,8 @@
-"""SASRec (Kang & McAuley, 2018): a causal transformer over item ids with a full-softmax next-item loss.
+"""SASRec (Kang & McAuley, 2018): a causal transformer over item ids, trained for the next item at every position.
 
-The standard ID-based baseline, trained under the same protocol (same windows, same trainer) as the recommender.
+The standard ID-based baseline, trained under the same protocol (same windows, same trainer) as the recommender. The
+loss is a softmax over the whole catalog, or a sampled softmax over the target and uniformly drawn negatives (the
+"SASRec+SS" of Klenitskiy et al. 2023 and the eSASRec benchmark, arXiv 2508.06450).
 """
 
 from __future__ import annotations
@@ -48,8 +50,15 @@ class SASRec(nn.Module):
     def forward(self, windows: torch.Tensor) -> dict[str, torch.Tensor]:
         inputs, targets = windows[:, :-1], windows[:, 1:]
         valid = (inputs >= 0) & (targets >= 0)
-        logits = self.encode(inputs)[valid] @ self.item_emb.weight.T  # (M, N)
-        return {"loss": F.cross_entropy(logits, targets[valid])}
+        h, target = self.encode(inputs)[valid], targets[valid]  # (M, d), (M,)
+        if self.cfg.loss == "full":
+            return {"loss": F.cross_entropy(h @ self.item_emb.weight.T, target)}  # (M, N) logits
+        # Sampled softmax: the target (column 0) against negatives drawn uniformly for each position; a negative that
+        # happens to be the target stays (as in the published recipe: rare, 1 / N per draw).
+        negatives = torch.randint(0, self.n_items, (len(target), self.cfg.negatives), device=h.device)
+        candidates = self.item_emb(torch.cat([target[:, None], negatives], 1))  # (M, 1 + K, d)
+        logits = torch.einsum("md,mkd->mk", h, candidates)
+        return {"loss": F.cross_entropy(logits, torch.zeros_like(target))}
 
     def save(self, path: Path) -> None:
         """Weights as safetensors, with the config in the file's metadata so one file is the whole model."""

@@ -84,7 +84,7 @@ class LoopConfig:
     max_epochs: int | None = None  # None: until another limit
     max_steps: int | None = None
     checkpoint_every: int = 500  # steps
-    eval_every_epochs: int | None = 1
+    eval_every_epochs: int | None = 1  # None (and no other schedule): never validate, the last weights are the result
     eval_every_steps: int | None = None
     eval_at_start: bool = False  # validate the starting weights (the bar to clear, kept if never beaten)
     patience: int | None = None  # validations without a better metric before stopping; None: never stop early
@@ -236,8 +236,9 @@ def plot_curves(history: list[dict], path: Path, keys: tuple[str, ...] = ("recal
 def run_summary(st: LoopState, cfg, **sizes) -> dict:
     """What a finished run reports: steps, time, the best validation point, the trainer's config, plus `sizes`
     (e.g. the number of training windows or pairs)."""
+    best_epoch = next((h["epoch"] for h in st.history if h.get("step") == st.best_step and "elapsed_s" in h), None)
     return {"steps": st.step, "epochs": st.epoch, "train_seconds": round(st.elapsed, 1), **sizes,
-            "best_step": st.best_step, "valid": st.best_eval(), "config": cfg.model_dump()}
+            "best_step": st.best_step, "best_epoch": best_epoch, "valid": st.best_eval(), "config": cfg.model_dump()}
 
 
 def run(task: Task, cfg: LoopConfig, run_dir: Path, recipe: dict, resume: bool = False, d: Dist | None = None,
@@ -347,7 +348,8 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, recipe: dict, resume: bool =
         if due and st.last_eval_step != st.step:  # not twice at one step (an epoch may end on a step-validation)
             validate()
         checkpoint()
-    if st.last_eval_step != st.step:  # the last weights are validated too
+    validates = cfg.eval_every_epochs or cfg.eval_every_steps or cfg.eval_at_start
+    if validates and st.last_eval_step != st.step:  # the last weights are validated too
         validate()
     checkpoint()
     return st

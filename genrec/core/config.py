@@ -137,6 +137,10 @@ class SASRecConfig(Frozen):
     n_layers: int = Field(2, ge=1, le=48, description="transformer layers")
     dropout: float = Field(0.3, ge=0.0, lt=1.0, description="dropout")
     max_history: int = Field(20, ge=1, le=512, description="most recent items the model sees")
+    loss: Literal["full", "sampled"] = Field("full", description="next-item loss: softmax over the whole catalog, or "
+                                             "over the target and `negatives` items drawn uniformly per position "
+                                             "(sampled softmax, the loss of the strongest published SASRec re-runs)")
+    negatives: int = Field(256, ge=1, le=65536, description="sampled softmax: negatives per target position")
 
 
 class ValueConfig(Frozen):

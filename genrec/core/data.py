@@ -224,9 +224,21 @@ def eval_split(ds: Dataset, split: str, max_history: int = MAX_HISTORY) -> Split
     return Split(ds.users[keep], _pad_left(hist, max_history), targets)
 
 
-def train_sequences(ds: Dataset) -> list[np.ndarray]:
-    """The training part of every user: all but the last two items (all items for users too short to evaluate)."""
-    return [s[:-2] if len(s) >= 3 else s for s in ds.sequences]
+def train_sequences(ds: Dataset, fit: str = "valid") -> list[np.ndarray]:
+    """The training part of every user (all items for users too short to evaluate): for a fit selected on the
+    validation split, all but the last two items; for the fit evaluated on the test split after it ("test"), all but
+    the last one (the validation item joins the training data, the eSASRec / RecTools protocol)."""
+    if fit not in SPLIT_CUT:
+        raise ValueError(f"fit must be 'valid' or 'test', got {fit!r}")
+    cut = SPLIT_CUT[fit]
+    return [s[:-cut] if len(s) >= 3 else s for s in ds.sequences]
+
+
+def seen_items(ds: Dataset, split: str) -> list[np.ndarray]:
+    """For each user of eval_split(ds, split), in the same order: every item before the target (the whole history,
+    not the model's window), what `--filter-seen` keeps out of the ranking."""
+    cut = SPLIT_CUT[split]
+    return [s[: len(s) - cut] for s in ds.sequences if len(s) >= 3]
 
 
 def train_windows(seqs: list[np.ndarray], max_history: int = MAX_HISTORY) -> np.ndarray:
