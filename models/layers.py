@@ -85,3 +85,8 @@ def causal_padding_mask(valid: torch.Tensor) -> torch.Tensor:
 def positions_left_padded(valid: torch.Tensor) -> torch.Tensor:
     """Position ids counted from the oldest real item (0), pads at 0: (B, T) bool -> (B, T) long."""
     return (valid.long().cumsum(1) - 1).clamp_min(0)
+
+
+def positions_from_newest(valid: torch.Tensor) -> torch.Tensor:
+    """Position ids counted back from the most recent item (0); pads get the oldest item's: (B, T) bool -> (B, T)."""
+    return (valid.long().flip(1).cumsum(1).flip(1) - 1).clamp_min(0)

@@ -141,6 +141,10 @@ class SASRecConfig(Frozen):
                                              "over the target and `negatives` items drawn uniformly per position "
                                              "(sampled softmax, the loss of the strongest published SASRec re-runs)")
     negatives: int = Field(256, ge=1, le=65536, description="sampled softmax: negatives per target position")
+    positions: Literal["newest", "oldest"] = Field("newest", description="position embeddings counted back from the "
+                                                   "most recent item (it always has position 0, as in RecTools' "
+                                                   "SASRec) or forward from the oldest (models saved before this "
+                                                   "option)")
 
 
 class ValueConfig(Frozen):
