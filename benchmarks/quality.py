@@ -1,8 +1,11 @@
-"""Quality benchmark: build -> SFT -> SASRec -> eval (valid and test) for one dataset, under time budgets.
+"""Quality benchmark: build -> SFT and SASRec -> evaluation under both protocols, for one dataset.
 
-Prints a table and writes one JSON with metrics, wall times, peak memory and the configuration:
+TIGER's protocol: fitted on all but each user's last two items, chosen on the validation split, nothing filtered.
+The eSASRec / RecTools protocol: fitted again with the validation item for the epochs the first fit chose
+(`--fit test`), each user's earlier items filtered out of every list (`--filter-seen`). Prints one table and writes
+one JSON with metrics, training minutes, wall times, peak memory and the configuration:
 
-    python benchmarks/quality.py --data ../shared/data/amazon-beauty --sft-minutes 45 --sasrec-minutes 10
+    python benchmarks/quality.py --data ../shared/data/amazon-beauty
 """
 
 from __future__ import annotations
@@ -37,6 +40,8 @@ def main() -> None:
     ap.add_argument("--sft-minutes", type=float, default=None, help="SFT training budget (default: the preset's)")
     ap.add_argument("--sasrec-minutes", type=float, default=None, help="SASRec budget (0 skips SASRec)")
     ap.add_argument("--beam-width", type=int, default=20, help="beam width for the final evaluation")
+    ap.add_argument("--no-esasrec", dest="esasrec", action="store_false",
+                    help="skip the eSASRec protocol (the test fits and the filtered evaluation)")
     ap.add_argument("--out", help="results JSON (default results/quality-<dataset>.json)")
     args = ap.parse_args()
 
@@ -57,28 +62,43 @@ def main() -> None:
     if not (args.reuse_bundle and (bundle / "manifest.json").exists()):
         phase("build", lambda: build_bundle(args.data, bundle, preset, args.preset))
     sft_over = {} if args.sft_minutes is None else {"max_minutes": args.sft_minutes}
+    sas_over = {} if args.sasrec_minutes is None else {"max_minutes": args.sasrec_minutes}
     report["sft"] = phase("sft", lambda: train_sft(bundle, args.data, args.preset, run_dir / "sft",
                                                     overrides=sft_over))
     if args.sasrec_minutes != 0:
-        sas_over = {} if args.sasrec_minutes is None else {"max_minutes": args.sasrec_minutes}
         report["sasrec"] = phase("sasrec", lambda: train_sasrec(bundle, args.data, args.preset, run_dir / "sasrec",
                                                                  overrides=sas_over))
     ds = load_dataset(args.data)
-    b = Bundle.load(bundle)
-    report["semantic_ids"] = b.manifest["semantic_ids"]
-    for split in ("valid", "test"):
-        report[split] = phase(f"eval_{split}", lambda: evaluate(
-            b, ds, split, 10, args.beam_width, predictions=run_dir / f"predictions-{split}.jsonl"))
+    report["semantic_ids"] = Bundle.load(bundle).manifest["semantic_ids"]
+    report["valid"] = phase("eval_valid", lambda: evaluate(Bundle.load(bundle), ds, "valid", 10, args.beam_width))
+    report["tiger"] = phase("eval_tiger", lambda: evaluate(
+        Bundle.load(bundle), ds, "test", 10, args.beam_width, predictions=run_dir / "predictions-test-tiger.jsonl"))
+    if args.esasrec:
+        report["sft_test_fit"] = phase("sft_test_fit", lambda: train_sft(
+            bundle, args.data, args.preset, run_dir / "sft-test-fit", overrides=sft_over, fit="test"))
+        if args.sasrec_minutes != 0:
+            report["sasrec_test_fit"] = phase("sasrec_test_fit", lambda: train_sasrec(
+                bundle, args.data, args.preset, run_dir / "sasrec-test-fit", overrides=sas_over, fit="test"))
+        report["esasrec"] = phase("eval_esasrec", lambda: evaluate(
+            Bundle.load(bundle), ds, "test", 10, args.beam_width, filter_seen=True,
+            predictions=run_dir / "predictions-test-esasrec.jsonl"))
 
-    rows = [("genrec (beam)", report["test"]), *report["test"]["baselines"].items()]
-    print(f"\n{name}, test split, full ranking over {report['test']['items']} items, {report['test']['users']} users")
-    print(f"{'model':<16}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}")
-    for label, m in rows:
-        print(f"{label:<16}{m['recall@5']:>8.4f}{m['ndcg@5']:>8.4f}{m['recall@10']:>8.4f}{m['ndcg@10']:>8.4f}")
+    minutes = {"genrec": ("sft", "sft_test_fit"), "sasrec": ("sasrec", "sasrec_test_fit")}
+    print(f"\n{name}, test split, full ranking over {report['tiger']['items']} items, {report['tiger']['users']} users")
+    print(f"{'model':<12}{'protocol':<10}{'R@5':>8}{'N@5':>8}{'R@10':>8}{'N@10':>8}{'train min':>11}")
+    for protocol, res in (("tiger", report["tiger"]), ("esasrec", report.get("esasrec"))):
+        if res is None:
+            continue
+        for label, m in [("genrec", res), *res["baselines"].items()]:
+            fits = minutes.get(label, ())[: 1 if protocol == "tiger" else 2]
+            train = sum(report[f]["train_seconds"] for f in fits if f in report) / 60
+            print(f"{label:<12}{protocol:<10}{m['recall@5']:>8.4f}{m['ndcg@5']:>8.4f}{m['recall@10']:>8.4f}"
+                  f"{m['ndcg@10']:>8.4f}{train:>11.1f}")
     v = report["valid"]
-    print(f"{'valid (genrec)':<16}{v['recall@5']:>8.4f}{v['ndcg@5']:>8.4f}{v['recall@10']:>8.4f}{v['ndcg@10']:>8.4f}")
-    print(f"invalid rate {report['test']['invalid_rate']:.4f}; SFT {report['sft']['train_seconds'] / 60:.1f} min of "
-          f"training ({report['phases']['sft']['wall_seconds'] / 60:.1f} min wall with validation); "
+    print(f"{'genrec':<12}{'valid':<10}{v['recall@5']:>8.4f}{v['ndcg@5']:>8.4f}{v['recall@10']:>8.4f}"
+          f"{v['ndcg@10']:>8.4f}")
+    esasrec_invalid = report.get("esasrec", {}).get("invalid_rate", float("nan"))
+    print(f"invalid rate {report['tiger']['invalid_rate']:.4f} (tiger), {esasrec_invalid:.4f} (esasrec); "
           f"peak RSS {peak_rss_mb():.0f} MB")
     write_json(out, report)
     print(f"results written to {out}")
