@@ -70,6 +70,12 @@ def gather_ranks(ranks: np.ndarray, d: Dist) -> np.ndarray:
     return np.concatenate(parts)
 
 
+def rank_metrics(ranks: np.ndarray, d: Dist) -> dict[str, float]:
+    """Recall/NDCG@5/10 over every rank's validation users, from this rank's target ranks (-1 = miss)."""
+    ranks = gather_ranks(ranks, d)
+    return {**metrics_from_ranks(ranks), "users": int(len(ranks))}
+
+
 def barrier(d: Dist) -> None:
     if d.world > 1:
         dist.barrier()
@@ -111,10 +117,9 @@ class LoopState:
     recipe: dict = field(default_factory=dict)  # the trainer's config; a resume must use the same (limits aside)
     history: list = field(default_factory=list)
 
-    def best_eval(self) -> dict:
-        """The validation metrics of the best step ({} before any validation)."""
-        entry = next((h for h in self.history if h.get("step") == self.best_step and "elapsed_s" in h), {})
-        return {k: v for k, v in entry.items() if k not in ("step", "epoch", "elapsed_s")}
+    def best_entry(self) -> dict:
+        """The validation record of the best step ({} before any validation)."""
+        return next((h for h in self.history if h.get("step") == self.best_step and "elapsed_s" in h), {})
 
 
 class Task(Protocol):
@@ -236,9 +241,11 @@ def plot_curves(history: list[dict], path: Path, keys: tuple[str, ...] = ("recal
 def run_summary(st: LoopState, cfg, **sizes) -> dict:
     """What a finished run reports: steps, time, the best validation point, the trainer's config, plus `sizes`
     (e.g. the number of training windows or pairs)."""
-    best_epoch = next((h["epoch"] for h in st.history if h.get("step") == st.best_step and "elapsed_s" in h), None)
+    best = st.best_entry()
     return {"steps": st.step, "epochs": st.epoch, "train_seconds": round(st.elapsed, 1), **sizes,
-            "best_step": st.best_step, "best_epoch": best_epoch, "valid": st.best_eval(), "config": cfg.model_dump()}
+            "best_step": st.best_step, "best_epoch": best.get("epoch"),
+            "valid": {k: v for k, v in best.items() if k not in ("step", "epoch", "elapsed_s")},
+            "config": cfg.model_dump()}
 
 
 def run(task: Task, cfg: LoopConfig, run_dir: Path, recipe: dict, resume: bool = False, d: Dist | None = None,
@@ -398,9 +405,9 @@ class Supervised:
     def validate(self) -> dict[str, float]:
         self.model.eval()
         with torch.no_grad():
-            ranks = gather_ranks(self.ranks(self.model, self.d), self.d)
+            ranks = self.ranks(self.model, self.d)
         self.model.train()
-        return {**metrics_from_ranks(ranks), "users": int(len(ranks))}
+        return rank_metrics(ranks, self.d)
 
 
 def supervised_loop(cfg: TrainConfig, max_steps: int | None, log_every: int = 50) -> LoopConfig:

@@ -37,8 +37,7 @@ from genrec.models.loading import load_recommender, load_trie, load_value_head, 
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead, level_rewards, td_targets
 from genrec.models.ved import ved_decode
-from genrec.core.metrics import metrics_from_ranks
-from genrec.training.loop import (Dist, LoopConfig, gather_ranks, init_distributed, load_best, random_batches, run,
+from genrec.training.loop import (Dist, LoopConfig, init_distributed, load_best, random_batches, rank_metrics, run,
                                   run_summary)
 
 
@@ -218,8 +217,7 @@ class RlTask:
         with torch.no_grad():
             ranks = recommender_ranks(self.policy, self.trie, self.valid, self.cfg.beam_width,
                                       (self.d.rank, self.d.world))
-        ranks = gather_ranks(ranks, self.d)
-        return {**metrics_from_ranks(ranks), "users": int(len(ranks))}
+        return rank_metrics(ranks, self.d)
 
 
 def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None = None,
