@@ -354,6 +354,9 @@ def evaluate(
     predictions: Annotated[Optional[Path], typer.Option(help="write one JSON line per user here")] = None,
     filter_seen: Annotated[bool, typer.Option(help="keep each user's earlier items out of every model's list "
                                               "(the eSASRec / RecTools protocol)")] = False,
+    rescore: Annotated[Optional[float], typer.Option(min=0.0, max=100.0, help="weight of the item-level score in "
+                                                     "the beam's final ranking (default: the bundle's "
+                                                     "recommender.rescore, what the server uses)")] = None,
 ):
     """Full-catalog Recall/NDCG@5/10 and invalid rate of the recommender, with popularity and SASRec baselines."""
     from genrec.core.bundle import Bundle
@@ -365,7 +368,7 @@ def evaluate(
     if decoding == Decoding.beam and budget is not None:
         raise ValueError("--budget applies to --decoding ved; beam search spends 1 + (D - 1) * beam_width forwards")
     results = run(Bundle.load(bundle), load_dataset(data), split.value, k, beam_width, predictions,
-                  decoding=decoding.value, budget=budget, filter_seen=filter_seen)
+                  decoding=decoding.value, budget=budget, filter_seen=filter_seen, rescore=rescore)
     if json_out:
         from genrec.core.atomic import write_json
 

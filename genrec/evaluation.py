@@ -134,16 +134,19 @@ def fit_of(bundle: Bundle, model: str) -> str:
 
 def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_width: int = 20,
              predictions: Path | None = None, log=print, decoding: str = "beam", budget: int | None = None,
-             filter_seen: bool = False) -> dict:
+             filter_seen: bool = False, rescore: float | None = None) -> dict:
     """Evaluate the bundle's recommender and the baselines on one split; returns the results as a dict.
     decoding "beam" (width beam_width) or "ved" (initial beam beam_width, `budget` forwards, default the beam's).
-    filter_seen keeps each user's earlier items out of every list (the eSASRec protocol)."""
+    filter_seen keeps each user's earlier items out of every list (the eSASRec protocol). rescore: the weight of
+    the item-level score in the beam's ranking, instead of the bundle's."""
     bundle.check_catalog(ds)
     if split_name == "valid" and fit_of(bundle, "sft") == "test":
         raise ValueError(f"{bundle.path}: the recommender was fitted with the validation items (`--fit test`), so "
                          "the validation split would be scored on its own training data: evaluate --split test")
     prefix = prefix_trie(bundle)
     model, trie = load_recommender(bundle, prefix=prefix), load_trie(bundle, prefix=prefix)
+    if rescore is not None:
+        model.cfg = model.cfg.model_validate({**model.cfg.model_dump(), "rescore": rescore})
     split = eval_split(ds, split_name, model.cfg.max_history)
     seen = seen_items(ds, split_name) if filter_seen else None
     item_ids = bundle.catalog.ids
@@ -151,7 +154,7 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
     budget = budget or beam_budget(trie.depth, beam_width)
     results: dict = {"split": split_name, "users": int(len(split.targets)), "items": len(bundle.catalog),
                      "decoding": decoding, "beam_width": beam_width, "budget": budget, "k": k,
-                     "filter_seen": filter_seen, "fit": fit_of(bundle, "sft")}
+                     "filter_seen": filter_seen, "fit": fit_of(bundle, "sft"), "rescore": model.cfg.rescore}
     if decoding == "ved":
         results["ved"] = bundle.preset.ved.model_dump()
     t0 = time.time()

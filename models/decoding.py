@@ -69,18 +69,20 @@ class Trie:
 @dataclass
 class Recommendations:
     items: torch.Tensor  # (B, K) catalog rows, -1 where fewer than K items could be returned
-    scores: torch.Tensor  # (B, K) log P(item | history), -inf where items is -1
+    scores: torch.Tensor  # (B, K) log P(item | history) (+ rescore * item score), -inf where items is -1
 
 
 @torch.no_grad()
 def beam_search(model: Recommender, trie: Trie, history: torch.Tensor, beam_width: int, k: int,
                 exclude: torch.Tensor | None = None) -> Recommendations:
-    """history: (B, T) catalog rows, -1 left padding. Returns the top-k complete beams of width `beam_width` >= k.
+    """history: (B, T) catalog rows, -1 left padding. Returns the top-k complete beams of width `beam_width` >= k,
+    ranked by log P(item | history), plus the model's item-level score times cfg.rescore when that is set.
     exclude: optional (B, N) bool of items never to return (e.g. the items already in the history)."""
     assert k <= beam_width, f"k={k} must not exceed beam_width={beam_width}"
     b = history.shape[0]
     device = history.device
-    state, cache = model.start(model.context(history))  # (B, d)
+    ctx = model.context(history)
+    state, cache = model.start(ctx)  # (B, d)
     node = torch.zeros(b, 1, dtype=torch.long, device=device)  # (B, W) trie node of each beam
     score = torch.zeros(b, 1, device=device)  # (B, W) log-prob of each beam's prefix
     dead = trie.dead_prefixes(exclude) if exclude is not None else None
@@ -105,8 +107,11 @@ def beam_search(model: Recommender, trie: Trie, history: torch.Tensor, beam_widt
         if level < trie.depth - 1:
             cache.select(rows)
             state = model.step(code.view(-1), level, cache)
-    score, order = score[:, :k], node[:, :k]  # beams come sorted by score from topk
-    return Recommendations(order, score)
+    if model.cfg.rescore:  # the generator proposed the beam's items; one dot product each re-ranks them
+        score = score + model.cfg.rescore * model.item_scores(ctx, node)  # -inf stays on pruned beams
+        score, order = score.sort(1, descending=True)
+        node = node.gather(1, order)
+    return Recommendations(node[:, :k], score[:, :k])  # sorted by score: topk, or the sort above
 
 
 @dataclass

@@ -25,7 +25,8 @@ from safetensors.torch import load_file, save_file
 from genrec.core.atomic import atomic_path
 from genrec.core.config import RecommenderConfig
 from genrec.kernels.constrained_topk import csr_entries
-from genrec.models.layers import Block, KVCache, causal_padding_mask, init_small, positions_left_padded
+from genrec.models.layers import (Block, KVCache, causal_padding_mask, init_small, positions_from_newest,
+                                 positions_left_padded)
 
 
 class Recommender(nn.Module):
@@ -75,7 +76,8 @@ class Recommender(nn.Module):
         if self.item_emb is not None:
             x = x + self.item_emb(history.clamp_min(0))
         x = x * valid.unsqueeze(-1)
-        x = self.drop(x + self.item_pos(positions_left_padded(valid)))
+        positions = positions_from_newest(valid) if self.cfg.positions == "newest" else positions_left_padded(valid)
+        x = self.drop(x + self.item_pos(positions))
         mask = causal_padding_mask(valid)
         for block in self.history:
             x = block(x, mask)
@@ -84,6 +86,21 @@ class Recommender(nn.Module):
     def context(self, history: torch.Tensor) -> torch.Tensor:
         """The state that generates the next item: (B, T) -> (B, d) from the most recent position."""
         return self.encode_history(history)[:, -1]
+
+    def item_scores(self, ctx: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """The item-level score of candidates: ctx (B, d), items (B, K) catalog rows -> (B, K) ctx . item vector
+        (what item_loss trains and rescore adds to the path log-probability)."""
+        return (ctx.unsqueeze(1) * self.item_emb(items.clamp_min(0))).sum(-1)
+
+    def _item_loss(self, states: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Sampled softmax of SASRec+SS over the item vectors: states (B, T, d), targets (B, T), valid (B, T). One
+        uniform draw of negatives per sequence, shared by its positions (a negative equal to the target stays)."""
+        negatives = torch.randint(0, len(self.item_codes), (len(states), self.cfg.item_negatives),
+                                  device=states.device)
+        neg_logits = torch.bmm(states, self.item_emb(negatives).transpose(1, 2))[valid]  # (M, K)
+        target = targets[valid]
+        pos_logits = (states[valid] * self.item_emb(target)).sum(-1, keepdim=True)  # (M, 1)
+        return F.cross_entropy(torch.cat([pos_logits, neg_logits], 1), torch.zeros_like(target))
 
     # ---- code decoder ----------------------------------------------------------------------------------------
     def _decoder_inputs(self, ctx: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
@@ -172,7 +189,8 @@ class Recommender(nn.Module):
         over levels and averaged over all valid (history, next item) pairs."""
         inputs, targets = windows[:, :-1], windows[:, 1:]
         valid = (inputs >= 0) & (targets >= 0)
-        h = self.encode_history(inputs)[valid]  # (M, d)
+        encoded = self.encode_history(inputs)  # (B, T, d)
+        h = encoded[valid]  # (M, d)
         target_codes = self.item_codes[targets[valid]] - self.code_offset  # (M, D) raw codes
         if self.cfg.constrained_loss:  # each level's softmax over the trie-valid children only
             losses = -self.path_log_probs(h, target_codes)[0].mean(0)
@@ -180,7 +198,12 @@ class Recommender(nn.Module):
             states = self.decode_all(h, target_codes[:, :-1])  # (M, D, d)
             losses = torch.stack([F.cross_entropy(self.level_logits(states[:, lv], lv), target_codes[:, lv])
                                   for lv in range(self.depth)])
-        return {"loss": losses.sum(), "level_losses": losses.detach(), "pairs": torch.tensor(int(valid.sum()))}
+        out = {"loss": losses.sum(), "level_losses": losses.detach(), "pairs": torch.tensor(int(valid.sum()))}
+        if self.cfg.item_loss:
+            item_loss = self._item_loss(encoded, targets, valid)
+            out["loss"] = out["loss"] + self.cfg.item_loss * item_loss
+            out["item_loss"] = item_loss.detach()
+        return out
 
     # ---- persistence -----------------------------------------------------------------------------------------
     def save(self, path: Path) -> None:
@@ -195,6 +218,8 @@ class Recommender(nn.Module):
         path = Path(path)
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["genrec"])
-        model = cls(RecommenderConfig(**meta["config"]), tuple(meta["vocab_sizes"]), item_codes, trie_child)
+        # A model saved before the positions option counted history positions from the oldest item.
+        cfg = RecommenderConfig(**{"positions": "oldest", **meta["config"]})
+        model = cls(cfg, tuple(meta["vocab_sizes"]), item_codes, trie_child)
         model.load_state_dict(load_file(str(path), device=device))
         return model.to(device).eval()

@@ -1,6 +1,6 @@
 """Semantic IDs: residual k-means (FAISS) over item vectors, a collision code, and the prefix trie (TIGER, RQ-KMeans).
 
-Every item gets a tuple (c_1, ..., c_L, c_dedup). The map items <-> tuples is a bijection, and the trie of all tuples
+Every item gets a tuple (c_1, ..., c_L, c_dedup), or (c_1, ..., c_L) when no two items share their residual codes. The map items <-> tuples is a bijection, and the trie of all tuples
 constrains decoding so that every generated tuple is a real item.
 """
 
@@ -17,7 +17,7 @@ from genrec.core.config import SemanticIdConfig
 
 @dataclass
 class SemanticIds:
-    codes: np.ndarray  # (N, L + 1) int64: L residual codes and the collision code
+    codes: np.ndarray  # (N, L) or (N, L + 1) int64: L residual codes, then the collision code if there is one
     codebooks: np.ndarray  # (L, K, D) float32 centroids
     vocab_sizes: tuple[int, ...]  # codes per position: K for each level, then the largest collision group
 
@@ -31,7 +31,7 @@ class SemanticIds:
 
     def stats(self) -> dict:
         """Codebook utilisation per level and collisions on the residual codes (before the collision code)."""
-        levels = self.codes.shape[1] - 1
+        levels = len(self.codebooks)
         _, group = np.unique(self.codes[:, :levels], axis=0, return_counts=True)
         return {
             "utilisation": [len(np.unique(self.codes[:, lv])) / self.codebooks.shape[1] for lv in range(levels)],
@@ -86,8 +86,9 @@ def build_semantic_ids(vectors: np.ndarray, cfg: SemanticIdConfig, verbose: bool
     starts = np.r_[0, np.flatnonzero(np.diff(sorted_groups)) + 1]
     rank = np.arange(n) - np.repeat(starts, np.diff(np.r_[starts, n]))
     codes[order, cfg.levels] = rank
-    vocab = tuple([k] * cfg.levels + [int(rank.max()) + 1])
-    return SemanticIds(codes, codebooks, vocab)
+    if cfg.collision_code == "auto" and rank.max() == 0:  # no collisions: the residual codes name each item
+        return SemanticIds(codes[:, : cfg.levels].copy(), codebooks, (k,) * cfg.levels)
+    return SemanticIds(codes, codebooks, tuple([k] * cfg.levels + [int(rank.max()) + 1]))
 
 
 class PrefixTrie:

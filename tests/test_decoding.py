@@ -123,9 +123,15 @@ def test_beam_search_returns_only_distinct_valid_items(setup, seed, beam, batch,
 
 def test_constrained_loss_is_the_decoders_item_log_probability(setup, tmp_path):
     model, sid, trie = setup
-    cfg = model.cfg.model_copy(update={"constrained_loss": True})
+    # Positions counted from the oldest item, so a window's earlier pairs see what inference on that prefix sees
+    # (counted from the newest, each state of a window is positioned from the window's end, as SASRec trains).
+    cfg = model.cfg.model_copy(update={"constrained_loss": True, "positions": "oldest"})
+    oldest = Recommender(cfg.model_copy(update={"constrained_loss": model.cfg.constrained_loss}), sid.vocab_sizes,
+                         torch.as_tensor(sid.codes), trie.child).eval()
+    oldest.load_state_dict(model.state_dict())
+    model = oldest
     constrained = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), trie.child).eval()
-    plain = Recommender(model.cfg.model_copy(update={"constrained_loss": False, "node_embedding": False}),
+    plain = Recommender(cfg.model_copy(update={"constrained_loss": False, "node_embedding": False}),
                         sid.vocab_sizes, torch.as_tensor(sid.codes)).eval()
     constrained.load_state_dict(model.state_dict())
     plain.load_state_dict(model.state_dict(), strict=False)  # everything but the node vectors
@@ -144,6 +150,80 @@ def test_constrained_loss_is_the_decoders_item_log_probability(setup, tmp_path):
     assert loaded.cfg.constrained_loss and torch.equal(loaded.code_emb.weight, constrained.code_emb.weight)
     with torch.no_grad():
         assert loaded(torch.tensor([[5, 9, 123]]))["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
+
+
+def test_newest_positions_train_the_last_pair_as_inference_sees_it(setup):
+    """Counted from the newest item, the last pair of a window is positioned exactly as at inference."""
+    model, sid, trie = setup
+    assert model.cfg.positions == "newest"
+    constrained = Recommender(model.cfg.model_copy(update={"constrained_loss": True}), sid.vocab_sizes,
+                              torch.as_tensor(sid.codes), trie.child).eval()
+    constrained.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        loss = constrained(torch.tensor([[-1, 5, 17, 9]]))["loss"]
+        last = constrained(torch.tensor([[-1, -1, 17, 9]]))["loss"]
+    exact = exact_item_logprobs(model, sid, trie, torch.tensor([17]))[9]
+    assert last.item() == pytest.approx(-exact.item(), abs=1e-4)
+    assert loss.item() != pytest.approx(last.item(), abs=1e-3)  # two pairs now: ([5] -> 17) and ([5, 17] -> 9)
+
+
+@pytest.fixture(scope="module")
+def item_model(setup):
+    """The setup model with item embeddings trained (here: random) for item_loss and rescoring."""
+    model, sid, trie = setup
+    cfg = model.cfg.model_copy(update={"item_embedding": True, "item_loss": 1.0, "item_negatives": 64})
+    torch.manual_seed(1)
+    with_items = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), trie.child).eval()
+    with_items.load_state_dict(model.state_dict(), strict=False)
+    with torch.no_grad():
+        with_items.item_emb.weight.mul_(40.0)  # item scores of the same order as the path log-probabilities
+    return with_items
+
+
+@pytest.mark.parametrize("weight", [0.5, 3.0])
+def test_rescoring_reranks_the_beams_items_by_path_plus_item_score(setup, item_model, weight):
+    _, sid, trie = setup
+    history = torch.tensor([[-1, 3, 17, 42], [5, 6, 7, 8]])
+    plain = beam_search(item_model, trie, history, 12, 12)
+    rescored_model = Recommender(item_model.cfg.model_copy(update={"rescore": weight}), sid.vocab_sizes,
+                                 torch.as_tensor(sid.codes), trie.child).eval()
+    rescored_model.load_state_dict(item_model.state_dict())
+    rec = beam_search(rescored_model, trie, history, 12, 5)
+    with torch.no_grad():
+        ctx = item_model.context(history)
+    for b in range(2):  # reference: every proposed item, scored one at a time
+        proposed = plain.items[b].tolist()
+        fused = {i: plain.scores[b, j].item() + weight * float(ctx[b] @ item_model.item_emb.weight[i].detach())
+                 for j, i in enumerate(proposed)}
+        best = sorted(fused, key=fused.get, reverse=True)[:5]
+        assert rec.items[b].tolist() == best
+        assert rec.scores[b].tolist() == pytest.approx([fused[i] for i in best], abs=1e-4)
+    assert not torch.equal(rec.items, plain.items[:, :5])  # the item score changed the order
+
+
+def test_item_loss_is_sampled_softmax_over_the_item_vectors(setup, item_model):
+    _, sid, trie = setup
+    window = torch.tensor([[-1, 5, 17, 9], [3, 4, 5, 6]])
+    plain = Recommender(item_model.cfg.model_copy(update={"item_loss": 0.0}), sid.vocab_sizes,
+                        torch.as_tensor(sid.codes), trie.child).eval()
+    plain.load_state_dict(item_model.state_dict())
+    torch.manual_seed(7)
+    with torch.no_grad():
+        out = item_model(window)
+        states = item_model.encode_history(window[:, :-1])
+    torch.manual_seed(7)
+    negatives = torch.randint(0, N_ITEMS, (2, 64))
+    reference = []  # one (history, target) pair at a time
+    for b in range(2):
+        for t in range(3):
+            if window[b, t] < 0:
+                continue
+            candidates = torch.cat([window[b, t + 1: t + 2], negatives[b]])
+            logits = item_model.item_emb.weight[candidates] @ states[b, t]
+            reference.append(-logits.log_softmax(0)[0])
+    assert out["item_loss"].item() == pytest.approx(torch.stack(reference).mean().item(), abs=1e-4)
+    with torch.no_grad():
+        assert out["loss"].item() == pytest.approx(plain(window)["loss"].item() + out["item_loss"].item(), abs=1e-4)
 
 
 def test_a_narrow_beam_never_walks_into_excluded_items(setup):

@@ -39,6 +39,22 @@ def test_unique_last_level_reduces_collisions():
     assert unique.stats()["utilisation"][0] == 1.0
 
 
+@pytest.mark.parametrize("collision_code", ["auto", "always"])
+def test_the_collision_code_is_appended_only_when_items_collide(collision_code):
+    x = np.random.default_rng(0).normal(size=(120, 8)).astype(np.float32)  # about 8 items per first code
+    sid = build_semantic_ids(x, SemanticIdConfig(levels=2, codebook_size=16, kmeans_iters=10,
+                                                 collision_code=collision_code))
+    assert sid.stats()["collision_rate"] == 0.0
+    if collision_code == "auto":
+        assert sid.depth == 2 and sid.vocab_sizes == (16, 16)
+    else:  # a level of one code
+        assert sid.depth == 3 and sid.vocab_sizes == (16, 16, 1) and (sid.codes[:, 2] == 0).all()
+    PrefixTrie(sid.codes, sid.vocab_sizes)
+    crowded = build_semantic_ids(clustered(3000), SemanticIdConfig(levels=1, codebook_size=16, kmeans_iters=10))
+    assert crowded.depth == 2 and crowded.vocab_sizes[1] > 1  # 3000 items under 16 codes must collide
+    assert len({tuple(c) for c in crowded.codes}) == 3000
+
+
 def test_duplicate_codes_are_rejected():
     codes = np.array([[0, 1, 0], [0, 1, 0]])
     with pytest.raises(ValueError, match="not a bijection"):

@@ -10,7 +10,8 @@ import numpy as np
 
 from genrec.core.bundle import write_bundle, write_catalog
 from genrec.core.config import Preset
-from genrec.core.data import load_dataset
+from genrec.core.data import load_dataset, train_sequences
+from genrec.models.collaborative import cooccurrence_vectors, join_vectors
 from genrec.models.embedder import Embedder
 from genrec.models.index import build_index, resolve_factory
 from genrec.models.semantic_ids import PrefixTrie, build_semantic_ids
@@ -28,7 +29,16 @@ def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name:
     embedder = Embedder(preset.embedder)  # catalog texts are documents; an over-long one is truncated, not refused
     vectors = embedder.encode([it.text for it in ds.catalog.items], "document", truncate=True, progress=True)
     log(f"embedded {len(vectors)} items -> {vectors.shape[1]} dims in {time.time() - t0:.1f}s")
-    sids = build_semantic_ids(vectors, preset.semantic_ids)
+    sid_cfg = preset.semantic_ids
+    sid_vectors = vectors
+    if sid_cfg.collaborative > 0:
+        # The training part only: the validation and test items of every user stay unseen by the tokenizer.
+        collaborative = cooccurrence_vectors(train_sequences(ds, "valid"), len(ds.catalog), sid_cfg.collaborative_dim,
+                                             sid_cfg.collaborative_window, sid_cfg.seed)
+        sid_vectors = join_vectors(vectors, collaborative, sid_cfg.collaborative)
+        log(f"collaborative vectors: {int((np.abs(collaborative).sum(1) > 0).sum())} of {len(ds.catalog)} items "
+            f"co-occur in training; semantic IDs from text + behaviour (share {sid_cfg.collaborative})")
+    sids = build_semantic_ids(sid_vectors, sid_cfg)
     PrefixTrie(sids.codes, sids.vocab_sizes)  # raises if the map is not a bijection
     stats = sids.stats()
     util = ", ".join(f"L{i + 1} {u:.1%}" for i, u in enumerate(stats["utilisation"]))

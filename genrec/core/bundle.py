@@ -4,7 +4,7 @@
   catalog.jsonl          item_id, title, text, categories (the order defines catalog rows)
   item_vectors.npy       (N, D) float32 unit-norm item vectors from the embedder
   index.faiss            FAISS index over the item vectors (inner product)
-  semantic_ids.npz       codes (N, L+1), codebooks (L, K, D), vocab_sizes
+  semantic_ids.npz       codes (N, L) or (N, L+1) with a collision code, codebooks (L, K, D), vocab_sizes
   recommender.safetensors (+ .json)           after `genrec train sft`
   baselines/sasrec.safetensors (+ .json)      after `genrec train sasrec`
 

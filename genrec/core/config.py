@@ -43,12 +43,24 @@ class EmbedderConfig(Frozen):
 
 
 class SemanticIdConfig(Frozen):
-    levels: int = Field(3, ge=1, le=8, description="residual k-means levels (a collision code is added after them)")
+    levels: int = Field(3, ge=1, le=8, description="residual k-means levels (a collision code may follow them)")
     codebook_size: int = Field(256, ge=2, le=4096, description="codes per level")
     kmeans_iters: int = Field(25, ge=1, le=500, description="k-means iterations per level")
     unique_last_level: bool = Field(
-        True, description="assign the last level by a greedy one-item-per-code matching inside each prefix, so "
+        True, description="assign the last level by an optimal one-item-per-code matching inside each prefix, so "
         "items collide only when a prefix holds more items than codes")
+    collision_code: Literal["auto", "always"] = Field(
+        "auto", description="the code after the residual levels that tells items with identical residual codes "
+        "apart: auto appends it only when some items collide (otherwise it would be a level of one code, a wasted "
+        "decoder step per beam); always appends it")
+    collaborative: float = Field(
+        0.0, ge=0.0, le=1.0, description="share of collaborative signal in the vectors the codes are clustered from: "
+        "each item's text vector is joined with a co-occurrence vector (PPMI + SVD over the training part of the "
+        "sequences), weighted so this is its share of every squared distance; 0: text only, 1: behaviour only (a "
+        "catalog without text)")
+    collaborative_dim: int = Field(64, ge=2, le=1024, description="dimensions of the co-occurrence vectors")
+    collaborative_window: int = Field(3, ge=1, le=100, description="items at most this many positions apart in a "
+                                      "sequence count as co-occurring")
     seed: int = Field(0, description="k-means seed")
 
 
@@ -82,6 +94,19 @@ class RecommenderConfig(Frozen):
         "embedding (as in SASRec), so a rare item learns from every history it appears in as well as every time it "
         "is the target")
 
+    positions: Literal["newest", "oldest"] = Field("newest", description="history position embeddings counted back "
+                                                   "from the most recent item (it always has position 0) or forward "
+                                                   "from the oldest (models saved before this option)")
+    item_loss: float = Field(
+        0.0, ge=0.0, le=100.0, description="weight of an item-level loss beside the semantic-ID loss: the history "
+        "state scores the target's item vector against `item_negatives` uniformly drawn items (sampled softmax, "
+        "SASRec+SS's loss), so the history encoder learns item-level collaborative signal; needs item_embedding")
+    item_negatives: int = Field(256, ge=1, le=65536, description="item_loss: negatives per training sequence")
+    rescore: float = Field(
+        0.0, ge=0.0, le=100.0, description="decoding: the generator proposes the beam's complete items and each is "
+        "ranked by its path log-probability + rescore * (history state . item vector), one dot product per "
+        "candidate; 0 ranks by the path alone. Needs item_embedding (and item_loss, which trains that score)")
+
     @model_validator(mode="after")
     def _node_embedding_needs_constrained_loss(self):
         if self.node_embedding and not self.constrained_loss:
@@ -90,6 +115,9 @@ class RecommenderConfig(Frozen):
         if self.tie_item_vectors and not (self.node_embedding and self.item_embedding):
             raise ValueError("recommender.tie_item_vectors needs node_embedding: true and item_embedding: true "
                              "(it shares the item's input embedding with its output vector)")
+        if (self.item_loss or self.rescore) and not self.item_embedding:
+            raise ValueError("recommender.item_loss and recommender.rescore need item_embedding: true (they score "
+                             "the history state against the item embeddings)")
         return self
 
 
