@@ -104,7 +104,7 @@ class SharedEmbedder:
 class Engine:
     """A bundle ready to serve: recommender + trie, FAISS index, embedder, catalog."""
 
-    def __init__(self, bundle: Bundle, embedder: SharedEmbedder, device: str = "cpu"):
+    def __init__(self, bundle: Bundle, embedder: SharedEmbedder | None, device: str = "cpu"):
         self.bundle, self.embedder, self.device = bundle, embedder, device
         self.path = bundle.path
         self.catalog = bundle.catalog
@@ -112,7 +112,7 @@ class Engine:
         self.bundle_id = hashlib.sha256(self.manifest_bytes).hexdigest()[:16]
         self.version = int(bundle.manifest.get("version", 1))
         self.dim = int(bundle.item_vectors.shape[1])
-        if embedder.dim != self.dim:
+        if embedder is not None and embedder.dim != self.dim:
             raise BundleError(f"{bundle.path}: the embedder makes {embedder.dim}-d vectors but the item vectors are "
                               f"{self.dim}-d; rebuild the bundle with its embedder")
         self.model = self.trie = None
@@ -140,12 +140,15 @@ class Engine:
         reuse `previous`'s embedder when the bundle asks for the same one on the same device and backend (an ONNX
         embedder is always reloaded: its file belongs to the bundle)."""
         device = device or (previous.device if previous is not None else "cpu")
-        backend = backend or (previous.embedder.backend if previous is not None else "torch")
+        before = previous.embedder if previous is not None else None
+        backend = backend or (before.backend if before is not None else "torch")
         bundle = Bundle.load(path)
+        if not bundle.manifest.get("embedder", {}).get("text", True):  # item vectors from behaviour: no embedder
+            return cls(bundle, None, device)
         cfg = bundle.preset.embedder
-        same = previous is not None and backend == "torch" and previous.embedder.backend == "torch" and \
-            previous.embedder.cfg == cfg and previous.embedder.device == device
-        embedder = previous.embedder if same else SharedEmbedder(cfg, device, backend, bundle.path / ONNX_FILE)
+        same = before is not None and backend == "torch" and before.backend == "torch" and before.cfg == cfg and \
+            before.device == device
+        embedder = before if same else SharedEmbedder(cfg, device, backend, bundle.path / ONNX_FILE)
         return cls(bundle, embedder, device)
 
     # ---- batched computations (called on batcher worker threads) -------------------------------------------
@@ -222,5 +225,8 @@ class Engine:
             first = np.zeros(1, dtype=np.int64)
             k = max(1, min(10, len(self.catalog) - 1))
             self.recommend([RecommendQuery(first, first, k, max(k, self.default_beam_width), True)])
-        self.embed([EmbedQuery((EmbedInput("warm up"),), "query")])
-        self.search([SearchQuery(k=1, text="warm up")])
+        if self.embedder is not None:
+            self.embed([EmbedQuery((EmbedInput("warm up"),), "query")])
+            self.search([SearchQuery(k=1, text="warm up")])
+        else:
+            self.search([SearchQuery(k=1, vector=np.asarray(self.bundle.item_vectors[0], dtype=np.float32))])

@@ -90,7 +90,8 @@ def info_response(engine: Engine, limits: LimitsConfig) -> info_pb2.InfoResponse
         manifest_json=json.dumps(json.loads(engine.manifest_bytes)), server_versions=_versions(),
         catalog_size=len(engine.catalog), embedding_dim=engine.dim, max_history=engine.max_history,
         max_k=min(limits.max_k, len(engine.catalog)), has_recommender=engine.model is not None,
-        decoding_strategies=strategies, accepts_images=engine.embedder.accepts_images, loaded_at=engine.loaded_at)
+        decoding_strategies=strategies, accepts_images=engine.embedder is not None and engine.embedder.accepts_images,
+        loaded_at=engine.loaded_at)
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):

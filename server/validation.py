@@ -116,7 +116,15 @@ def _embeddable(inputs: list[EmbedInput], role: Role, labels: list[str], engine:
         raise InvalidRequest(str(e)) from None
 
 
+def _needs_embedder(engine: Engine, what: str) -> None:
+    if engine.embedder is None:
+        raise NotServed(f"{what} needs the embedder, and this bundle was built from a catalog without titles or "
+                        "texts: its item vectors come from behaviour. Search it by vector (e.g. an item's vector) or "
+                        "ask Recommend")
+
+
 def embed_query(req: embed_pb2.EmbedRequest, engine: Engine, limits: LimitsConfig) -> EmbedQuery:
+    _needs_embedder(engine, "Embed")
     if not req.inputs:
         raise InvalidRequest("inputs is empty: send at least one text to embed")
     if len(req.inputs) > limits.max_inputs:
@@ -142,6 +150,8 @@ def search_query(req: search_pb2.SearchRequest, engine: Engine, limits: LimitsCo
     k = _k(req.k, engine, limits)
     if kind is None:
         raise InvalidRequest("the query is empty: set one of text, image or vector")
+    if kind in ("text", "image"):
+        _needs_embedder(engine, f"Search by {kind}")
     if kind == "text":
         _embeddable([EmbedInput(_text(req.text, "text", limits))], "query", ["text"], engine)
         return SearchQuery(k=k, text=req.text)

@@ -26,18 +26,23 @@ def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name:
     t0 = time.time()
     ds = load_dataset(data)
     log(f"dataset {ds.name}: {len(ds.catalog)} items, {len(ds.users)} users, {ds.n_interactions} interactions")
-    embedder = Embedder(preset.embedder)  # catalog texts are documents; an over-long one is truncated, not refused
-    vectors = embedder.encode([it.text for it in ds.catalog.items], "document", truncate=True, progress=True)
-    log(f"embedded {len(vectors)} items -> {vectors.shape[1]} dims in {time.time() - t0:.1f}s")
     sid_cfg = preset.semantic_ids
-    sid_vectors = vectors
-    if sid_cfg.collaborative > 0:
+    needs_behaviour = sid_cfg.collaborative > 0 or not ds.catalog.has_text
+    if needs_behaviour:
         # The training part only: the validation and test items of every user stay unseen by the tokenizer.
         collaborative = cooccurrence_vectors(train_sequences(ds, "valid"), len(ds.catalog), sid_cfg.collaborative_dim,
                                              sid_cfg.collaborative_window, sid_cfg.seed)
-        sid_vectors = join_vectors(vectors, collaborative, sid_cfg.collaborative)
         log(f"collaborative vectors: {int((np.abs(collaborative).sum(1) > 0).sum())} of {len(ds.catalog)} items "
-            f"co-occur in training; semantic IDs from text + behaviour (share {sid_cfg.collaborative})")
+            f"co-occur in training")
+    if ds.catalog.has_text:
+        embedder = Embedder(preset.embedder)  # catalog texts are documents; an over-long one is truncated, not refused
+        vectors = embedder.encode([it.text for it in ds.catalog.items], "document", truncate=True, progress=True)
+        log(f"embedded {len(vectors)} items -> {vectors.shape[1]} dims in {time.time() - t0:.1f}s")
+        sid_vectors = join_vectors(vectors, collaborative, sid_cfg.collaborative) if needs_behaviour else vectors
+    else:  # ids and interactions only: behaviour is all there is, for the semantic IDs and for Search alike
+        log("the catalog has no titles or texts: semantic IDs and the search index come from the collaborative "
+            "vectors alone (Embed and text or image Search are not served from this bundle)")
+        vectors = sid_vectors = collaborative
     sids = build_semantic_ids(sid_vectors, sid_cfg)
     PrefixTrie(sids.codes, sids.vocab_sizes)  # raises if the map is not a bijection
     stats = sids.stats()
@@ -50,7 +55,7 @@ def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name:
         "name": Path(out).name, "version": 1, "preset_name": preset_name, "preset": preset.model_dump(),
         "dataset": {"name": ds.name, "path": str(Path(data).resolve()), "items": len(ds.catalog),
                     "users": len(ds.users), "interactions": ds.n_interactions},
-        "embedder": {"dim": int(vectors.shape[1]), **preset.embedder.model_dump()},
+        "embedder": {"dim": int(vectors.shape[1]), "text": ds.catalog.has_text, **preset.embedder.model_dump()},
         "semantic_ids": {**stats, "vocab_sizes": list(sids.vocab_sizes)},
     }
     writers = {

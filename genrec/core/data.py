@@ -2,7 +2,9 @@
 
 A dataset folder holds:
   items.jsonl           one item a line: {"item_id": int, "title": str, "categories": [[...path...]] | [...],
-                        "genres": [...], "text": str, "image": path}  (only item_id is required)
+                        "genres": [...], "text": str, "image": path}  (only item_id is required). Optional: without
+                        it, or when no item has a title or text, the catalog is the items of the interactions and
+                        has no text (bundles then tokenize items from behaviour alone)
   sequential_data.txt   one user a line: `user_id item_id item_id ...`, items in time order
   or interactions.csv   `user,item,timestamp` rows (a header row is allowed), ordered by timestamp per user
 """
@@ -43,6 +45,7 @@ class Catalog:
     """Items in a fixed order; `index[item_id]` is the row of an item in every per-item array."""
 
     items: list[Item]
+    has_text: bool = True  # False: no item has a title or text of its own (ids and interactions only)
     index: dict[int, int] = field(init=False)
 
     def __post_init__(self):
@@ -80,7 +83,7 @@ def item_text(title: str, categories: tuple[str, ...], extra: str = "") -> str:
 
 
 def read_items(path: Path) -> Catalog:
-    items, seen = [], set()
+    items, seen, described = [], set(), False
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -104,15 +107,33 @@ def read_items(path: Path) -> Catalog:
             cats = _category_path(rec)
             title = html.unescape(str(rec.get("title") or "")).strip()
             extra = html.unescape(str(rec.get("text") or "")).strip()
+            described = described or bool(title or extra)
             if not title:  # 7 Beauty items have no title: fall back to the category path, then the ASIN
                 title = " ".join(cats[-2:]) if cats else str(rec.get("asin") or f"item {item_id}")
             items.append(Item(item_id, title, cats, item_text(title, cats, extra), rec.get("image")))
     if not items:
         raise DatasetError(path, None, "no items", "add at least one item record")
-    return Catalog(items)
+    return Catalog(items, has_text=described)
 
 
-def _read_sequences_txt(path: Path, catalog: Catalog) -> dict[int, list[int]]:
+def catalog_of_ids(item_ids) -> Catalog:
+    """A catalog without text: one item per id, in ascending order."""
+    return Catalog([Item(int(i), f"item {int(i)}", (), "") for i in sorted(set(item_ids))], has_text=False)
+
+
+def _why_unknown(known) -> str:
+    return "item ids are non-negative integers" if isinstance(known, _AnyItem) else "not in items.jsonl"
+
+
+class _AnyItem:
+    """Stands in for the catalog while reading the interactions of a dataset without items.jsonl: every
+    non-negative id is an item."""
+
+    def __contains__(self, item_id: int) -> bool:
+        return item_id >= 0
+
+
+def _read_sequences_txt(path: Path, known) -> dict[int, list[int]]:
     users: dict[int, list[int]] = {}
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
@@ -129,9 +150,9 @@ def _read_sequences_txt(path: Path, catalog: Catalog) -> dict[int, list[int]]:
             if not seq:
                 raise DatasetError(path, n, f"user {user} has an empty sequence",
                                    "remove the line or add the user's items after the user id")
-            unknown = [i for i in seq if i not in catalog.index]
+            unknown = [i for i in seq if i not in known]
             if unknown:
-                raise DatasetError(path, n, f"unknown item id {unknown[0]} (not in items.jsonl)",
+                raise DatasetError(path, n, f"unknown item id {unknown[0]} ({_why_unknown(known)})",
                                    "add the item to items.jsonl or drop it from the sequence")
             if user in users:
                 raise DatasetError(path, n, f"user {user} appears twice", "keep one line per user")
@@ -139,7 +160,7 @@ def _read_sequences_txt(path: Path, catalog: Catalog) -> dict[int, list[int]]:
     return users
 
 
-def _read_interactions_csv(path: Path, catalog: Catalog) -> dict[int, list[int]]:
+def _read_interactions_csv(path: Path, known) -> dict[int, list[int]]:
     rows: dict[int, list[tuple[float, int, int]]] = {}
     with open(path, encoding="utf-8", newline="") as f:
         for n, row in enumerate(csv.reader(f), 1):
@@ -152,8 +173,8 @@ def _read_interactions_csv(path: Path, catalog: Catalog) -> dict[int, list[int]]
             except ValueError:
                 raise DatasetError(path, n, f"cannot parse {row[:3]}",
                                    "user and item must be integers, timestamp a number") from None
-            if item not in catalog.index:
-                raise DatasetError(path, n, f"unknown item id {item} (not in items.jsonl)",
+            if item not in known:
+                raise DatasetError(path, n, f"unknown item id {item} ({_why_unknown(known)})",
                                    "add the item to items.jsonl or drop the row")
             rows.setdefault(user, []).append((ts, n, item))
     return {u: [item for _, _, item in sorted(r)] for u, r in rows.items()}
@@ -178,18 +199,19 @@ def load_dataset(folder: str | Path) -> Dataset:
     if not folder.is_dir():
         raise DatasetError(folder, None, "not a directory", "pass the dataset folder (with items.jsonl)")
     items_path = folder / "items.jsonl"
-    if not items_path.exists():
-        raise DatasetError(items_path, None, "missing", "every dataset folder needs items.jsonl")
-    catalog = read_items(items_path)
+    catalog = read_items(items_path) if items_path.exists() else None
+    known = catalog.index if catalog is not None else _AnyItem()
     if (folder / "sequential_data.txt").exists():
-        raw = _read_sequences_txt(folder / "sequential_data.txt", catalog)
+        raw = _read_sequences_txt(folder / "sequential_data.txt", known)
     elif (folder / "interactions.csv").exists():
-        raw = _read_interactions_csv(folder / "interactions.csv", catalog)
+        raw = _read_interactions_csv(folder / "interactions.csv", known)
     else:
         raise DatasetError(folder, None, "no interactions file",
                            "add sequential_data.txt (one user a line) or interactions.csv (user,item,timestamp)")
     if not raw:
         raise DatasetError(folder, None, "no user sequences", "add at least one user with items")
+    if catalog is None:
+        catalog = catalog_of_ids(i for seq in raw.values() for i in seq)
     users = np.array(sorted(raw), dtype=np.int64)
     sequences = [catalog.rows(raw[u]) for u in users]
     return Dataset(folder.name, catalog, users, sequences)
