@@ -35,11 +35,11 @@ from genrec.training.sft import train_sasrec, train_sft
 ROWS = [
     ("before", "the recommender as it was: 20 items, positions from the oldest, collision level always, SID loss only",
      {"recommender": {"max_history": 20, "positions": "oldest", "item_loss": 0.0, "rescore": 0.0},
-      "semantic_ids": {"collision_code": "always", "collaborative": 0.0}}),
+      "semantic_ids": {"collision_code": "always", "collaborative": 0.0}, "sft": {"weight_decay": 0.05}}),
     ("recipe", "the baseline's history recipe: the last 50 items, positions counted from the newest",
      {"recommender": {"max_history": 50, "positions": "newest"}}),
-    ("item_loss", "sampled-softmax item loss over the tied item vectors beside the SID loss",
-     {"recommender": {"item_loss": 1.0}}),
+    ("item_loss", "sampled-softmax item loss over the tied item vectors beside the SID loss (weight 3, no decay)",
+     {"recommender": {"item_loss": 3.0}, "sft": {"weight_decay": 0.0}}),
     ("rescore", "decode-time fusion: beam items ranked by path log-prob + item score",
      {"recommender": {"rescore": 1.0}}),
     ("no_collision_level", "no collision level when the codes leave no collisions (one decoder step less)",
@@ -61,7 +61,7 @@ def merge(base: dict, over: dict) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="dataset folder")
-    ap.add_argument("--preset", default="beauty", help="the preset the rows modify (name or YAML path)")
+    ap.add_argument("--preset", default="medium", help="the preset the rows modify (name or YAML path)")
     ap.add_argument("--rows", help="comma-separated row names (default: all); a row needs the rows before it only "
                     "when it reuses their models (rescore)")
     ap.add_argument("--beam-width", type=int, default=20, help="beam width of every evaluation")

@@ -78,7 +78,7 @@ def main():
     ap.add_argument("--steps", type=int, default=150, help="optimiser steps per fine-tuning run")
     ap.add_argument("--batch-size", type=int, default=None, help="pairs per step (default: the preset's)")
     ap.add_argument("--minutes", type=float, default=60.0, help="training-time cap per fine-tuning run")
-    ap.add_argument("--preset", default="beauty", help="preset with the embedder_train recipe")
+    ap.add_argument("--preset", default="medium", help="preset with the embedder_train recipe")
     ap.add_argument("--variants", nargs="*", default=None,
                     help="subset of 'zero-shot', 'in-batch', 'saha', each with ' +prompt' (default: all six; "
                          "'none': only the ONNX comparison)")

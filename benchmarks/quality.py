@@ -34,7 +34,7 @@ def peak_rss_mb() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="dataset folder")
-    ap.add_argument("--preset", default="beauty", help="preset name or YAML path")
+    ap.add_argument("--preset", default="medium", help="preset name or YAML path")
     ap.add_argument("--bundle", help="bundle directory (default bundles/bench-<dataset>)")
     ap.add_argument("--reuse-bundle", action="store_true", help="skip the build if the bundle exists")
     ap.add_argument("--sft-minutes", type=float, default=None, help="SFT training budget (default: the preset's)")

@@ -78,12 +78,18 @@ def _absolute(backbone: str) -> str:
 @app.command()
 @clear_errors
 def build(data: Data, out: Annotated[Path, typer.Option(help="bundle directory to create (replaced atomically)")],
-          preset: Annotated[str, typer.Option(help="preset name or YAML path (see `genrec presets`)")] = "beauty",
+          preset: Annotated[str, typer.Option(help="preset name or YAML path (see `genrec presets`); auto: the "
+                                              "preset named for the catalog's size (small under 5,000 items, else "
+                                              "medium)")] = "auto",
           backbone: Backbone = None, prompt: Prompt = None):
     """Embed the catalog, build the FAISS index and the semantic IDs: a new bundle."""
-    from genrec.core.config import load_preset
+    from genrec.core.config import load_preset, preset_for_catalog
+    from genrec.core.data import load_dataset
     from genrec.training.build import build_bundle
 
+    if preset == "auto":
+        preset = preset_for_catalog(len(load_dataset(data).catalog))
+        typer.echo(f"preset {preset} (auto, for the size of the catalog)")
     recipe = load_preset(preset)
     recipe = recipe.model_copy(update={"embedder": _embedder_config(recipe.embedder, backbone, prompt)})
     build_bundle(data, out, recipe, preset)
@@ -230,7 +236,7 @@ def train_rl(
 def train_embedder(
     data: Data,
     out: Annotated[Path, typer.Option(help="model directory to write the tuned backbone to (for --backbone)")],
-    preset: Annotated[str, typer.Option(help="preset for the embedder and the recipe")] = "beauty",
+    preset: Annotated[str, typer.Option(help="preset for the embedder and the recipe")] = "medium",
     backbone: Backbone = None,
     prompt: Prompt = None,
     hard_negatives: Annotated[Optional[bool], typer.Option(
@@ -270,7 +276,7 @@ def embedder_eval(
     data: Data,
     backbone: Backbone = None,
     prompt: Prompt = None,
-    preset: Annotated[str, typer.Option(help="preset whose embedder settings are the base")] = "beauty",
+    preset: Annotated[str, typer.Option(help="preset whose embedder settings are the base")] = "medium",
     split: Annotated[str, typer.Option(help="held-out pairs: valid or test")] = "test",
     max_length: Annotated[Optional[int], typer.Option(min=8, help="tokens per text, prompt included")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON here")] = None,

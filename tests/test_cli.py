@@ -17,6 +17,13 @@ def test_build_with_a_malformed_dataset_fails_cleanly(tmp_path):
     assert not out.exists() and not list(tmp_path.glob("bundles/.*"))
 
 
+def test_build_picks_the_preset_named_for_the_catalog_size(tmp_path, tiny_data):
+    proc = run_cli("build", "--data", tiny_data, "--out", tmp_path / "b")
+    assert "preset small (auto" in proc.stdout  # 300 items
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["preset_name"] == "small" and manifest["semantic_ids"]["vocab_sizes"][0] == 64
+
+
 def test_unknown_preset_and_missing_bundle(tmp_path, tiny_data):
     proc = run_cli("build", "--data", tiny_data, "--out", tmp_path / "b", "--preset", "huge", check=False)
     assert proc.returncode == 2 and "unknown preset 'huge'" in proc.stderr

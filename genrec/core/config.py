@@ -271,6 +271,14 @@ def preset_names() -> list[str]:
                   if p.name.endswith(".yaml"))
 
 
+SMALL_CATALOG = 5_000  # items: below this `genrec build` picks the small preset, from it on the medium one
+
+
+def preset_for_catalog(n_items: int) -> str:
+    """The shipped preset named for a catalog of this size (what `genrec build --preset auto` uses)."""
+    return "small" if n_items < SMALL_CATALOG else "medium"
+
+
 def load_preset(name_or_path: str) -> Preset:
     """A shipped preset by name (see preset_names()) or a YAML file path."""
     path = Path(name_or_path)
