@@ -90,3 +90,16 @@ def positions_left_padded(valid: torch.Tensor) -> torch.Tensor:
 def positions_from_newest(valid: torch.Tensor) -> torch.Tensor:
     """Position ids counted back from the most recent item (0); pads get the oldest item's: (B, T) bool -> (B, T)."""
     return (valid.long().flip(1).cumsum(1).flip(1) - 1).clamp_min(0)
+
+
+def sampled_softmax_loss(states: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor, item_emb: nn.Embedding,
+                         negatives: int) -> torch.Tensor:
+    """SASRec+SS's loss: states (B, T, d), targets (B, T) item rows, valid (B, T). Each target against `negatives`
+    items drawn uniformly, one draw per sequence shared by its positions (the published recipe draws per position:
+    the same expected loss, and gathering (M, K, d) embeddings was 3x slower on CPU). A negative that happens to be
+    the target stays, as there (1 / N)."""
+    drawn = torch.randint(0, item_emb.num_embeddings, (len(states), negatives), device=states.device)  # (B, K)
+    neg_logits = torch.bmm(states, item_emb(drawn).transpose(1, 2))[valid]  # (M, K)
+    target = targets[valid]
+    pos_logits = (states[valid] * item_emb(target)).sum(-1, keepdim=True)  # (M, 1)
+    return F.cross_entropy(torch.cat([pos_logits, neg_logits], 1), torch.zeros_like(target))

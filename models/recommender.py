@@ -26,7 +26,7 @@ from genrec.core.atomic import atomic_path
 from genrec.core.config import RecommenderConfig
 from genrec.kernels.constrained_topk import csr_entries
 from genrec.models.layers import (Block, KVCache, causal_padding_mask, init_small, positions_from_newest,
-                                 positions_left_padded)
+                                 positions_left_padded, sampled_softmax_loss)
 
 
 class Recommender(nn.Module):
@@ -91,16 +91,6 @@ class Recommender(nn.Module):
         """The item-level score of candidates: ctx (B, d), items (B, K) catalog rows -> (B, K) ctx . item vector
         (what item_loss trains and rescore adds to the path log-probability)."""
         return (ctx.unsqueeze(1) * self.item_emb(items.clamp_min(0))).sum(-1)
-
-    def _item_loss(self, states: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-        """Sampled softmax of SASRec+SS over the item vectors: states (B, T, d), targets (B, T), valid (B, T). One
-        uniform draw of negatives per sequence, shared by its positions (a negative equal to the target stays)."""
-        negatives = torch.randint(0, len(self.item_codes), (len(states), self.cfg.item_negatives),
-                                  device=states.device)
-        neg_logits = torch.bmm(states, self.item_emb(negatives).transpose(1, 2))[valid]  # (M, K)
-        target = targets[valid]
-        pos_logits = (states[valid] * self.item_emb(target)).sum(-1, keepdim=True)  # (M, 1)
-        return F.cross_entropy(torch.cat([pos_logits, neg_logits], 1), torch.zeros_like(target))
 
     # ---- code decoder ----------------------------------------------------------------------------------------
     def _decoder_inputs(self, ctx: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
@@ -200,7 +190,7 @@ class Recommender(nn.Module):
                                   for lv in range(self.depth)])
         out = {"loss": losses.sum(), "level_losses": losses.detach(), "pairs": torch.tensor(int(valid.sum()))}
         if self.cfg.item_loss:
-            item_loss = self._item_loss(encoded, targets, valid)
+            item_loss = sampled_softmax_loss(encoded, targets, valid, self.item_emb, self.cfg.item_negatives)
             out["loss"] = out["loss"] + self.cfg.item_loss * item_loss
             out["item_loss"] = item_loss.detach()
         return out
