@@ -43,7 +43,7 @@ COPY . .
 RUN pip install . \
     && if [ "$FAISS_PACKAGE" != faiss-cpu ]; then pip uninstall -y faiss-cpu && pip install "$FAISS_PACKAGE"; fi \
     && if [ "$ORT_PACKAGE" != onnxruntime ]; then pip uninstall -y onnxruntime && pip install "$ORT_PACKAGE"; fi \
-    && useradd --system --no-create-home genrec
+    && useradd --system --uid 10001 --no-create-home genrec
 
 USER genrec
 EXPOSE 50051 9090

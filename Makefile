@@ -4,6 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
+METRICS_PORT ?= 9090
 DEMO_BUNDLE := bundles/demo
 BUNDLE ?= $(DEMO_BUNDLE)
 DEMO_DATA ?= data/synthetic
@@ -45,7 +46,7 @@ demo-bundle: $(DEMO_BUNDLE)/value.safetensors
 
 # Serving another bundle (BUNDLE=...) never triggers the demo build.
 serve: install $(if $(filter $(DEMO_BUNDLE),$(BUNDLE)),demo-bundle)
-	$(BIN)/genrec serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT)
+	$(BIN)/genrec serve --bundle $(BUNDLE) --host $(HOST) --port $(PORT) --metrics-port $(METRICS_PORT)
 
 bench-quality: install
 	$(BIN)/python benchmarks/quality.py --data ../shared/data/amazon-beauty

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -75,10 +76,11 @@ class GenrecServer:
         return self.slot.reload(path)
 
     def stop(self, grace: float | None = None) -> None:
-        """Graceful: NOT_SERVING (load balancers drain), refuse new RPCs, let in-flight ones finish within `grace`
+        """Graceful: NOT_SERVING (load balancers drain) for drain_s, refuse new RPCs, let in-flight ones finish within `grace`
         seconds, then stop the queues and the metrics endpoint."""
         grace = self.config.grace_s if grace is None else grace
         self.health.enter_graceful_shutdown()
+        time.sleep(min(self.config.drain_s, grace))  # health watchers move their new calls to other replicas
         stopped = self.grpc_server.stop(grace)  # refuses new RPCs now; cancels what still runs after `grace`
         for b in self.batchers.values():
             b.flush()  # in-flight requests wait in the queues: run them now rather than wait for fuller batches
@@ -108,7 +110,7 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
         futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + 8, thread_name_prefix="rpc"),
         interceptors=interceptors, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
-                 ("grpc.so_reuseport", 0)])
+                 ("grpc.so_reuseport", int(config.reuse_port))])
 
     limits = config.limits
     recommend_pb2_grpc.add_RecommendServiceServicer_to_server(
@@ -153,9 +155,10 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
     return created, port
 
 
-def serve_until_signalled(server: GenrecServer) -> None:
+def serve_until_signalled(server: GenrecServer, on_ready=None) -> None:
     """Start, warm and serve until SIGTERM or SIGINT, then stop gracefully (a second signal cancels what is still
-    running); SIGHUP reloads the bundle from its path. Must run on the main thread, which owns signal handlers."""
+    running); SIGHUP reloads the bundle from its path. `on_ready()` is called once warm. Must run on the main
+    thread, which owns signal handlers."""
     import signal
 
     stopping = threading.Event()
@@ -184,6 +187,8 @@ def serve_until_signalled(server: GenrecServer) -> None:
     except BaseException:
         server.stop(grace=0)
         raise
+    if on_ready is not None:
+        on_ready()
     while not stopping.wait(0.5):  # a timed wait, so the main thread keeps returning to run signal handlers
         pass
     log.info("stopping gracefully (grace %.0fs)", server.config.grace_s)

@@ -34,12 +34,16 @@ def serve(
     device: Annotated[str, typer.Option(help=_S["device"].description)] = _S["device"].default,
     backend: Annotated[str, typer.Option(help=_S["backend"].description)] = _S["backend"].default,
     grace_s: Annotated[float, typer.Option(min=0.0, help=_S["grace_s"].description)] = _S["grace_s"].default,
+    drain_s: Annotated[float, typer.Option(min=0.0, help=_S["drain_s"].description)] = _S["drain_s"].default,
     auth_token: Annotated[Optional[str], typer.Option(
         envvar="GENREC_AUTH_TOKEN", show_default=False,
         help=_S["auth_token"].description + " (prefer the GENREC_AUTH_TOKEN env var: argv is visible to ps)")] = None,
     tls_cert: Annotated[Optional[Path], typer.Option(help=_S["tls_cert"].description)] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help=_S["tls_key"].description)] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
+    workers: Annotated[int, typer.Option(
+        min=1, max=256, help="server processes sharing the port (SO_REUSEPORT), each with the bundle loaded and an "
+        "equal share of the cores; worker i serves /metrics on metrics-port + i")] = 1,
 ):
     """Serve a bundle over gRPC (genrec.v1 Recommend, Embed, Search, Info, Admin; health; reflection).
 
@@ -55,9 +59,12 @@ def serve(
         config = ServerConfig(
             bundle=bundle, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
             batching=BatchingConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue),
-            max_concurrent_rpcs=max_concurrent_rpcs, device=device, backend=backend, grace_s=grace_s,
-            auth_token=auth_token, tls_cert=tls_cert,
-            tls_key=tls_key)
+            max_concurrent_rpcs=max_concurrent_rpcs, device=device, backend=backend, grace_s=grace_s, drain_s=drain_s,
+            auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key)
+        if workers > 1:
+            from genrec.server.workers import serve_workers
+
+            raise typer.Exit(serve_workers(config, workers, log_level))
         server, bound = create_server(config)
     except (ValidationError, BundleError, OSError) as e:
         typer.echo(f"error: {e}", err=True)
@@ -69,7 +76,9 @@ def serve(
 # ---- genrec query ------------------------------------------------------------------------------------------
 query_app = typer.Typer(no_args_is_help=True, help="Call a running genrec server (prints the response as JSON).")
 
-Target = Annotated[str, typer.Option(envvar="GENREC_TARGET", help="server address host:port")]
+Target = Annotated[str, typer.Option(envvar="GENREC_TARGET", help="server address host:port, or a gRPC name that "
+                                     "resolves to several replicas (dns:///genrec:50051, ipv4:10.0.0.1:50051,"
+                                     "10.0.0.2:50051): calls are spread round-robin and refused ones retried")]
 Token = Annotated[Optional[str], typer.Option(envvar="GENREC_AUTH_TOKEN", show_default=False,
                                               help="bearer token, when the server requires one")]
 TlsCa = Annotated[Optional[Path], typer.Option(help="PEM root certificates to trust; turns TLS on")]

@@ -3,6 +3,7 @@ stubs. Used by `genrec query`, the load test and the tests."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,12 +24,44 @@ class BearerToken(grpc.UnaryUnaryClientInterceptor):
         return continuation(details._replace(metadata=metadata), request)
 
 
+# Calls a replica may refuse while others can answer: UNAVAILABLE (draining, restarting, unreachable) and
+# RESOURCE_EXHAUSTED (its queue or concurrency limit is full). Only the read-only services are retried; Admin is not.
+RETRIED_SERVICES = ("RecommendService", "EmbedService", "SearchService", "InfoService")
+
+
+def service_config(max_attempts: int = 3) -> dict:
+    """The gRPC service config of a genrec client: round-robin over the SERVING ones of the addresses the target
+    resolves to (the pods behind a headless Service, or `ipv4:10.0.0.1:50051,10.0.0.2:50051`), and a bounded retry
+    of refused calls on another replica. Retry throttling stops retries when more than half the recent calls failed, so a fleet that is
+    overloaded as a whole is not hit twice as hard."""
+    return {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        # Client-side health checking: a replica that reports NOT_SERVING (warming, draining) gets no new calls.
+        "healthCheckConfig": {"serviceName": ""},
+        "methodConfig": [{
+            "name": [{"service": f"genrec.v1.{s}"} for s in RETRIED_SERVICES],
+            "retryPolicy": {"maxAttempts": max_attempts, "initialBackoff": "0.02s", "maxBackoff": "0.5s",
+                            "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE", "RESOURCE_EXHAUSTED"]},
+        }],
+        "retryThrottling": {"maxTokens": 20, "tokenRatio": 0.2},
+    }
+
+
 def open_channel(target: str, token: str | None = None, tls_ca: Path | None = None,
                  interceptors: tuple = (), max_message_bytes: int = 16 << 20,
-                 tls_server_name: str | None = None) -> grpc.Channel:
-    """A channel to `target` (host:port). `tls_ca`: PEM roots to trust (turns TLS on)."""
+                 tls_server_name: str | None = None, balanced: bool = True) -> grpc.Channel:
+    """A channel to `target`: host:port, or any gRPC name (`dns:///genrec-headless:50051` resolves to every
+    replica; `ipv4:a:p,b:p` lists them). `balanced`: round-robin over the SERVING replicas with retries (see
+    `service_config`); off, a plain channel whose every call makes exactly one attempt, even to a server that is not
+    SERVING yet (what tests of the server's own answers need). `tls_ca`: PEM roots to trust (turns TLS on)."""
     options = [("grpc.max_receive_message_length", max_message_bytes),
                ("grpc.max_send_message_length", max_message_bytes)]
+    if balanced:
+        options += [("grpc.service_config", json.dumps(service_config())), ("grpc.enable_retries", 1),
+                    # A restarted replica is back in the rotation within a second, not after minutes of backoff.
+                    ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)]
+    else:
+        options.append(("grpc.enable_retries", 0))
     if tls_server_name:
         options.append(("grpc.ssl_target_name_override", tls_server_name))
     if tls_ca is not None:

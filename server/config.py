@@ -68,10 +68,17 @@ class ServerConfig(Frozen):
         "`genrec embedder export-onnx`)")
     grace_s: float = Field(10.0, ge=0.0, le=3600.0,
                            description="on shutdown, how long in-flight requests may take to finish")
+    drain_s: float = Field(
+        1.0, ge=0.0, le=600.0,
+        description="on shutdown, how long health reports NOT_SERVING before new calls are refused, so clients "
+        "that check health (genrec's round-robin client, load balancers) move away first; at most grace_s")
     auth_token: Optional[SecretStr] = Field(
         None, description="require `authorization: Bearer TOKEN` on genrec.v1 calls (health and reflection stay open)")
     tls_cert: Optional[Path] = Field(None, description="PEM certificate chain; with tls_key, serve TLS")
     tls_key: Optional[Path] = Field(None, description="PEM private key of tls_cert")
+    reuse_port: bool = Field(
+        False, description="bind with SO_REUSEPORT, so several server processes share the port (`--workers`); off, "
+        "a second server on a taken port fails instead of silently sharing it")
 
     @field_validator("device")
     @classmethod

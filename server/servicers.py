@@ -4,7 +4,9 @@ errors are raised, not aborted, and server/interceptors.py maps them to status c
 from __future__ import annotations
 
 import json
+import os
 import platform
+import socket
 import time
 from importlib.metadata import PackageNotFoundError, version
 
@@ -91,7 +93,7 @@ def info_response(engine: Engine, limits: LimitsConfig) -> info_pb2.InfoResponse
         catalog_size=len(engine.catalog), embedding_dim=engine.dim, max_history=engine.max_history,
         max_k=min(limits.max_k, len(engine.catalog)), has_recommender=engine.model is not None,
         decoding_strategies=strategies, accepts_images=engine.embedder is not None and engine.embedder.accepts_images,
-        loaded_at=engine.loaded_at)
+        loaded_at=engine.loaded_at, instance=f"{socket.gethostname()}:{os.getpid()}")
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):

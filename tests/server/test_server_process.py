@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import threading
 import urllib.request
 
 import grpc
@@ -19,28 +15,9 @@ from genrec.core.bundle import Bundle, update_bundle
 from genrec.server.client import Stubs, open_channel
 from genrec.v1 import info_pb2, recommend_pb2
 
-from serverutil import wait_for
+from serverutil import Process, wait_for
 
 pytest_plugins = ["serverfixtures"]
-
-
-class Process:
-    """`python -m genrec.server ...` with its stderr collected on a thread (so the pipe never fills)."""
-
-    def __init__(self, *args):
-        self.proc = subprocess.Popen([sys.executable, "-m", "genrec.server", *map(str, args)], stderr=subprocess.PIPE,
-                                     text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        self.lines: list[str] = []
-        threading.Thread(target=lambda: self.lines.extend(self.proc.stderr), daemon=True).start()
-
-    def find(self, pattern: str) -> re.Match | None:
-        return next((m for line in list(self.lines) if (m := re.search(pattern, line))), None)
-
-    def wait_for_line(self, pattern: str, timeout: float = 180) -> re.Match:
-        wait_for(lambda: self.find(pattern) or self.proc.poll() is not None, timeout, f"log line {pattern!r}")
-        match = self.find(pattern)
-        assert match, f"server exited ({self.proc.returncode}):\n{''.join(self.lines)[-3000:]}"
-        return match
 
 
 def test_sighup_reloads_and_sigterm_drains(tmp_path, served_bundle):
