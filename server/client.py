@@ -32,8 +32,8 @@ RETRIED_SERVICES = ("RecommendService", "EmbedService", "SearchService", "InfoSe
 def service_config(max_attempts: int = 3) -> dict:
     """The gRPC service config of a genrec client: round-robin over the SERVING ones of the addresses the target
     resolves to (the pods behind a headless Service, or `ipv4:10.0.0.1:50051,10.0.0.2:50051`), and a bounded retry
-    of refused calls on another replica. Retry throttling stops retries when more than half the recent calls failed, so a fleet that is
-    overloaded as a whole is not hit twice as hard."""
+    of refused calls on another replica. Retry throttling stops retries when more than half the recent calls
+    failed, so a fleet that is overloaded as a whole is not hit twice as hard."""
     return {
         "loadBalancingConfig": [{"round_robin": {}}],
         # Client-side health checking: a replica that reports NOT_SERVING (warming, draining) gets no new calls.

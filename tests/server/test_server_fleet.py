@@ -83,7 +83,8 @@ def test_rolling_update_of_two_replicas_under_load_fails_no_call(tmp_path, serve
         assert failures == [] and calls[0] > 40
         for _, port in replicas:
             with open_channel(f"127.0.0.1:{port}") as direct:
-                assert Stubs.of(direct).info.GetInfo(info_pb2.GetInfoRequest(), timeout=10).bundle_version == version + 1
+                info = Stubs.of(direct).info.GetInfo(info_pb2.GetInfoRequest(), timeout=10)
+                assert info.bundle_version == version + 1
     finally:
         for server, _ in replicas:
             server.stop(grace=0)
