@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Optional
@@ -38,6 +39,9 @@ def serve(
     auth_token: Annotated[Optional[str], typer.Option(
         envvar="GENREC_AUTH_TOKEN", show_default=False,
         help=_S["auth_token"].description + " (prefer the GENREC_AUTH_TOKEN env var: argv is visible to ps)")] = None,
+    reload_root: Annotated[Optional[Path], typer.Option(help=_S["reload_root"].description)] = None,
+    allow_unauthenticated_reload: Annotated[bool, typer.Option(
+        help=_S["allow_unauthenticated_reload"].description)] = False,
     tls_cert: Annotated[Optional[Path], typer.Option(help=_S["tls_cert"].description)] = None,
     tls_key: Annotated[Optional[Path], typer.Option(help=_S["tls_key"].description)] = None,
     log_level: Annotated[str, typer.Option(help="DEBUG, INFO, WARNING or ERROR")] = "INFO",
@@ -55,12 +59,17 @@ def serve(
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # which SIMD build it picked, at INFO
+    if auth_token is None and os.environ.get("GENREC_AUTH_TOKEN") is not None:  # click reads "" as unset
+        typer.echo("error: GENREC_AUTH_TOKEN is set but empty: give a token, or unset it to serve without auth",
+                   err=True)
+        raise typer.Exit(2)
     try:
         config = ServerConfig(
             bundle=bundle, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
             batching=BatchingConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue),
             max_concurrent_rpcs=max_concurrent_rpcs, device=device, backend=backend, grace_s=grace_s, drain_s=drain_s,
-            auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key)
+            auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key, reload_root=reload_root,
+            allow_unauthenticated_reload=allow_unauthenticated_reload)
         if workers > 1:
             from genrec.server.workers import serve_workers
 

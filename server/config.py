@@ -76,6 +76,12 @@ class ServerConfig(Frozen):
         None, description="require `authorization: Bearer TOKEN` on genrec.v1 calls (health and reflection stay open)")
     tls_cert: Optional[Path] = Field(None, description="PEM certificate chain; with tls_key, serve TLS")
     tls_key: Optional[Path] = Field(None, description="PEM private key of tls_cert")
+    reload_root: Optional[Path] = Field(
+        None, description="Admin Reload loads only bundle directories under this one (default: the directory that "
+        "holds the served bundle)")
+    allow_unauthenticated_reload: bool = Field(
+        False, description="accept Admin Reload without a bearer token configured; off, Reload needs auth_token "
+        "(SIGHUP, sent by whoever runs the process, always reloads the served path)")
     reuse_port: bool = Field(
         False, description="bind with SO_REUSEPORT, so several server processes share the port (`--workers`); off, "
         "a second server on a taken port fails instead of silently sharing it")

@@ -101,6 +101,13 @@ class SharedEmbedder:
             return self._model.encode(inputs, role)
 
 
+def _manifest_bytes(path: Path) -> bytes | None:
+    try:
+        return (path / "manifest.json").read_bytes()
+    except OSError:
+        return None  # missing, or mid-swap (the directory is renamed away for a moment)
+
+
 class Engine:
     """A bundle ready to serve: recommender + trie, FAISS index, embedder, catalog."""
 
@@ -135,14 +142,38 @@ class Engine:
 
     @classmethod
     def load(cls, path: str | Path, previous: "Engine | None" = None, device: str | None = None,
-             backend: Backend | None = None) -> "Engine":
+             backend: Backend | None = None, attempts: int = 3) -> "Engine":
         """Load a bundle onto `device` with the embedder `backend` (defaults: `previous`'s, else cpu and torch);
         reuse `previous`'s embedder when the bundle asks for the same one on the same device and backend (an ONNX
-        embedder is always reloaded: its file belongs to the bundle)."""
+        embedder is always reloaded: its file belongs to the bundle).
+
+        Every file is checked against its manifest hash (a tampered or truncated bundle is refused), and the load
+        is one consistent version: when a writer publishes a new version meanwhile (the manifest changed between
+        the start and the end of the load), it starts again on the new one."""
+        path = Path(path)
+        for _ in range(attempts):
+            before = _manifest_bytes(path)
+            try:
+                engine = cls._load(path, previous, device, backend)
+            except BundleError:
+                if _manifest_bytes(path) == before:
+                    raise
+                continue  # a new version was published mid-load: its files, not a corrupt bundle
+            except (OSError, ValueError, RuntimeError, KeyError) as e:
+                if _manifest_bytes(path) == before:
+                    raise BundleError(f"{path}: cannot load ({type(e).__name__}: {e}); rebuild the bundle") from e
+                continue
+            if engine.manifest_bytes == before == _manifest_bytes(path):
+                return engine
+        raise BundleError(f"{path}: a new version was published during each of {attempts} loads; retry once the "
+                          "writer is done")
+
+    @classmethod
+    def _load(cls, path: Path, previous: "Engine | None", device: str | None, backend: Backend | None) -> "Engine":
         device = device or (previous.device if previous is not None else "cpu")
         before = previous.embedder if previous is not None else None
         backend = backend or (before.backend if before is not None else "torch")
-        bundle = Bundle.load(path)
+        bundle = Bundle.load(path, verify=True)
         if not bundle.manifest.get("embedder", {}).get("text", True):  # item vectors from behaviour: no embedder
             return cls(bundle, None, device)
         cfg = bundle.preset.embedder

@@ -43,6 +43,10 @@ class Unauthenticated(ServingError):
     """Missing or wrong bearer token."""
 
 
+class PermissionDenied(ServingError):
+    """The caller may not do this here (Reload without auth, or of a path outside the reload root)."""
+
+
 _CODES: dict[type[Exception], grpc.StatusCode] = {
     InvalidRequest: grpc.StatusCode.INVALID_ARGUMENT,
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -51,6 +55,7 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     NotServed: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     BundleError: grpc.StatusCode.FAILED_PRECONDITION,
 }
 

@@ -14,7 +14,8 @@ import grpc
 
 from genrec.server import validation
 from genrec.server.batching import Done, MicroBatcher
-from genrec.server.config import LimitsConfig
+from genrec.server.config import LimitsConfig, ServerConfig
+from genrec.server.errors import PermissionDenied
 from genrec.server.engine import Engine
 from genrec.server.swap import EngineSlot
 from genrec.v1 import (common_pb2, embed_pb2, embed_pb2_grpc, info_pb2, info_pb2_grpc, recommend_pb2,
@@ -105,8 +106,19 @@ class InfoServicer(info_pb2_grpc.InfoServiceServicer):
 
 
 class AdminServicer(info_pb2_grpc.AdminServiceServicer):
-    def __init__(self, slot: EngineSlot, limits: LimitsConfig):
-        self.slot, self.limits = slot, limits
+    """Reload makes the server read a directory of its disk, so it needs the bearer token (or the operator's
+    explicit --allow-unauthenticated-reload), and loads only under the reload root."""
+
+    def __init__(self, slot: EngineSlot, config: ServerConfig):
+        self.slot, self.limits = slot, config.limits
+        self.allowed = config.auth_token is not None or config.allow_unauthenticated_reload
+        self.root = config.reload_root or config.bundle.resolve().parent
 
     def Reload(self, request, context):
-        return info_response(self.slot.reload(request.bundle_path or None), self.limits)
+        if not self.allowed:
+            raise PermissionDenied(
+                "Reload is off: this server runs without a bearer token. Start it with GENREC_AUTH_TOKEN set and "
+                "send the token, or with --allow-unauthenticated-reload on a network you trust (SIGHUP to the "
+                "process reloads the served path)")
+        path = validation.reload_path(request.bundle_path, self.root) if request.bundle_path else None
+        return info_response(self.slot.reload(path), self.limits)

@@ -11,6 +11,7 @@ import logging
 import threading
 from pathlib import Path
 
+from genrec.core.bundle import BundleError
 from genrec.server.engine import Engine
 from genrec.server.metrics import Metrics
 
@@ -37,12 +38,15 @@ class EngineSlot:
             try:
                 new = Engine.load(target, previous=old)
                 new.warm_up()
-            except Exception:
+            except Exception as e:
                 self._metrics.reloads.labels("failed").inc()
-                log.exception("reload of %s failed; still serving %s (%s)", target, old.path, old.bundle_id)
+                # %r: paths and messages are escaped, so no client string can forge a log line.
+                log.error("reload of %r failed (%s: %r); still serving %r (%s)", str(target), type(e).__name__,
+                          str(e), str(old.path), old.bundle_id, exc_info=not isinstance(e, BundleError))
                 raise
             self._engine = new
             self._metrics.reloads.labels("ok").inc()
             self._metrics.set_bundle(new.bundle_id, new.version, str(new.path))
-            log.info("now serving %s version %d (%s); was %s", new.path, new.version, new.bundle_id, old.bundle_id)
+            log.info("now serving %r version %d (%s); was %s", str(new.path), new.version, new.bundle_id,
+                     old.bundle_id)
             return new

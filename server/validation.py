@@ -6,13 +6,15 @@ Everything a batch computes has passed through here, so the model code below can
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
 
 import numpy as np
 
 from genrec.models.embedder import EmbedInput
 from genrec.server.config import LimitsConfig
 from genrec.server.engine import EmbedQuery, Engine, RecommendQuery, Role, SearchQuery
-from genrec.server.errors import InvalidRequest, NotServed
+from genrec.server.errors import InvalidRequest, NotServed, PermissionDenied
 from genrec.v1 import embed_pb2, recommend_pb2, search_pb2
 
 _BEAM = recommend_pb2.DECODING_STRATEGY_BEAM
@@ -171,3 +173,17 @@ def search_query(req: search_pb2.SearchRequest, engine: Engine, limits: LimitsCo
     if not math.isfinite(float(np.dot(vector, vector))) or not vector.any():
         raise InvalidRequest("vector is all zeros or too large to score: send a direction, e.g. a unit vector")
     return SearchQuery(k=k, vector=vector)
+
+
+def reload_path(text: str, root: Path) -> Path:
+    """The bundle directory a Reload names, resolved, checked to lie under `root` (symlinks followed)."""
+    if any(ord(c) < 32 or ord(c) == 127 for c in text):
+        raise InvalidRequest(f"bundle_path {text!r} holds control characters: give a plain directory path")
+    encoded = os.fsencode(text)
+    if len(encoded) > 4096 or any(len(part) > 255 for part in encoded.split(b"/")):
+        raise InvalidRequest(f"bundle_path is too long ({len(encoded)} bytes; at most 4096, and 255 per name)")
+    path, top = Path(text).resolve(), root.resolve()
+    if not path.is_relative_to(top):
+        raise PermissionDenied(f"bundle_path {text!r} is outside the reload root {str(top)!r}: Reload serves only "
+                               "bundles under it (the server's --reload-root)")
+    return path

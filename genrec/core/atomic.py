@@ -8,6 +8,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+# tempfile makes private files (0600) and directories (0700); what we publish gets the modes of a plain open() or
+# mkdir() under the process umask (0644 / 0755 under the usual 022), so a server running as another user (the
+# Docker image's) can read a mounted bundle.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+FILE_MODE, DIR_MODE = 0o666 & ~_UMASK, 0o777 & ~_UMASK
+
 
 @contextlib.contextmanager
 def atomic_path(path: str | Path):
@@ -20,6 +27,7 @@ def atomic_path(path: str | Path):
         yield Path(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, FILE_MODE)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
@@ -49,6 +57,7 @@ def atomic_dir(path: str | Path):
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    os.chmod(tmp, DIR_MODE)
     try:
         yield tmp
     except BaseException:

@@ -6,8 +6,10 @@ needs them there, so outcomes depend on state that the tests wait for, never on 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -108,7 +110,8 @@ def test_health_transitions_and_graceful_shutdown(served_bundle, shared_server, 
 
 
 def test_hot_swap_under_load_fails_no_request(served_bundle, second_bundle, tiny_bundle, ids):
-    with running(served_bundle) as r:
+    root = Path(os.path.commonpath([served_bundle, second_bundle, tiny_bundle]))
+    with running(served_bundle, allow_unauthenticated_reload=True, reload_root=root) as r:
         first = r.stubs.info.GetInfo(info_pb2.GetInfoRequest(), timeout=10).bundle_id
         stop, lock = threading.Event(), threading.Lock()
         seen, errors, calls = [], [], [0]
