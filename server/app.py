@@ -25,6 +25,8 @@ from genrec.v1 import (embed_pb2, embed_pb2_grpc, info_pb2, info_pb2_grpc, recom
 
 log = logging.getLogger(__name__)
 
+HEADROOM = 64  # RPCs beyond the genrec.v1 limit: probes, reflection, and refusals
+
 # Full names of the genrec.v1 services, for health, reflection and the interceptors.
 SERVICE_NAMES = tuple(svc.full_name for mod in (recommend_pb2, embed_pb2, search_pb2, info_pb2)
                       for svc in mod.DESCRIPTOR.services_by_name.values())
@@ -101,14 +103,17 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
     batchers = {name: MicroBatcher(name, per_engine(name), config.batching, metrics)
                 for name in ("recommend", "embed", "search")}
 
-    interceptors = [ObservabilityInterceptor(metrics)]
+    interceptors = [ObservabilityInterceptor(metrics, config.max_concurrent_rpcs)]
     if config.auth_token is not None:
         interceptors.append(AuthInterceptor(config.auth_token.get_secret_value()))
     size = config.limits.max_message_bytes
+    # One thread per RPC: a queued request holds its thread while it waits for its batch. The interceptor admits
+    # max_concurrent_rpcs genrec.v1 calls; gRPC's ceiling sits HEADROOM above, so health checks, reflection and the
+    # answers that refuse (and count) the excess calls still find a thread.
+    ceiling = config.max_concurrent_rpcs + HEADROOM
     server = grpc.server(
-        # One thread per admitted RPC: a queued request holds its thread while it waits for its batch.
-        futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + 8, thread_name_prefix="rpc"),
-        interceptors=interceptors, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+        futures.ThreadPoolExecutor(max_workers=ceiling, thread_name_prefix="rpc"),
+        interceptors=interceptors, maximum_concurrent_rpcs=ceiling,
         options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
                  ("grpc.so_reuseport", int(config.reuse_port))])
 

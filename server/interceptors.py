@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import hmac
 import logging
+import threading
 import time
 
 import grpc
 
-from genrec.server.errors import Unauthenticated, status_of
+from genrec.server.errors import Overloaded, Unauthenticated, status_of
 from genrec.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -24,11 +25,14 @@ def _replace_unary(handler: grpc.RpcMethodHandler, behavior) -> grpc.RpcMethodHa
 
 
 class ObservabilityInterceptor(grpc.ServerInterceptor):
-    """The boundary: maps exceptions to a status with genrec.server.errors.status_of, counts every RPC by method and
-    code, and times it."""
+    """The boundary: admits at most `max_concurrent` genrec.v1 calls at once (more are refused with
+    RESOURCE_EXHAUSTED), maps exceptions to a status with genrec.server.errors.status_of, counts every RPC, refused
+    ones included, by method and code, and times it. Health and reflection are not limited here: gRPC's own ceiling
+    sits above this one (server/app.py), so probes still get a thread when genrec.v1 calls fill the limit."""
 
-    def __init__(self, metrics: Metrics):
-        self.metrics = metrics
+    def __init__(self, metrics: Metrics, max_concurrent: int):
+        self.metrics, self.max_concurrent = metrics, max_concurrent
+        self._admission = threading.BoundedSemaphore(max_concurrent)
 
     def intercept_service(self, continuation, details):
         handler = continuation(details)
@@ -40,7 +44,11 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
         def observed(request, context):
             t0 = time.perf_counter()
             code = grpc.StatusCode.OK
+            admitted = self._admission.acquire(blocking=False)
             try:
+                if not admitted:
+                    raise Overloaded(f"the server is at its limit of {self.max_concurrent} concurrent calls: retry "
+                                     "with backoff, lower the concurrency, or add replicas")
                 return behavior(request, context)
             except Exception as e:  # noqa: BLE001 - every failure leaves as a status
                 code, message = status_of(e)
@@ -48,6 +56,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                     log.exception("%s failed", method)
                 context.abort(code, message)
             finally:
+                if admitted:
+                    self._admission.release()
                 self.metrics.requests.labels(method, code.name).inc()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 

@@ -177,3 +177,24 @@ def test_hot_swap_under_load_fails_no_request(served_bundle, second_bundle, tiny
             r.stubs.recommend.Recommend(recommend_pb2.RecommendRequest(history=ids[:3], k=5), timeout=30)
         assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "genrec train sft" in e.value.details()
         assert len(r.stubs.search.Search(search_pb2.SearchRequest(text="soap", k=3), timeout=30).items) == 3
+
+
+def test_health_is_never_refused_by_the_concurrency_limit(served_bundle, ids):
+    """Four calls held in a batch fill a limit of 4: a fifth genrec.v1 call is refused, and counted; health
+    checks still answer (before, gRPC's own limit counted them too and refused them with RESOURCE_EXHAUSTED)."""
+    batching = BatchingConfig(max_batch_size=8, max_wait_ms=10_000, max_queue=100)
+    with running(served_bundle, batching=batching, max_concurrent_rpcs=4) as r:
+        held = [r.stubs.recommend.Recommend.future(recommend_pb2.RecommendRequest(history=ids[:3], k=3),
+                                                   timeout=60) for _ in range(4)]
+        wait_for(lambda: _depth(r) == 4, what="four held calls")
+        for _ in range(3):
+            with pytest.raises(grpc.RpcError) as e:
+                r.stubs.info.GetInfo(info_pb2.GetInfoRequest(), timeout=10)
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "4 concurrent calls" in e.value.details()
+        health = health_pb2_grpc.HealthStub(r.channel)
+        statuses = [health.Check(health_pb2.HealthCheckRequest(), timeout=10).status for _ in range(20)]
+        assert statuses == [SERVING] * 20
+        assert r.metric("genrec_requests_total", method="InfoService/GetInfo", code="RESOURCE_EXHAUSTED") == 3
+        r.server.batchers["recommend"].flush()  # release the held batch: all four answered
+        assert [len(f.result(timeout=60).items) for f in held] == [3] * 4
+        assert r.stubs.info.GetInfo(info_pb2.GetInfoRequest(), timeout=10).catalog_size > 0  # admitted again
