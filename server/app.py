@@ -102,6 +102,9 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
     slot = EngineSlot(Engine.load(config.bundle, device=config.device, backend=config.backend), metrics)
     batchers = {name: MicroBatcher(name, per_engine(name), config.batching, metrics)
                 for name in ("recommend", "embed", "search")}
+    heavy = config.batching.model_copy(update={"max_batch_size": min(config.heavy_batch_size,
+                                                                      config.batching.max_batch_size)})
+    batchers["recommend-heavy"] = MicroBatcher("recommend-heavy", per_engine("recommend"), heavy, metrics)
 
     interceptors = [ObservabilityInterceptor(metrics, config.max_concurrent_rpcs)]
     if config.auth_token is not None:
@@ -119,7 +122,7 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
 
     limits = config.limits
     recommend_pb2_grpc.add_RecommendServiceServicer_to_server(
-        RecommendServicer(slot, batchers["recommend"], limits), server)
+        RecommendServicer(slot, batchers["recommend"], batchers["recommend-heavy"], config), server)
     embed_pb2_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(slot, batchers["embed"], limits), server)
     search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(slot, batchers["search"], limits), server)
     info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(slot, limits), server)

@@ -57,6 +57,12 @@ class ServerConfig(Frozen):
     metrics_port: Optional[int] = Field(
         9090, ge=0, le=65535, description="Prometheus /metrics HTTP port; 0 picks a free one, None turns it off")
     batching: BatchingConfig = BatchingConfig()
+    cheap_beam_width: int = Field(
+        32, ge=1, le=4096,
+        description="Recommend calls with beam search up to this width use the recommend queue; VED calls and wider "
+        "beams use their own queue (recommend-heavy: its own worker, batches of at most heavy_batch_size), so an "
+        "expensive call never makes a cheap one wait for its batch")
+    heavy_batch_size: int = Field(4, ge=1, le=1024, description="largest batch of the recommend-heavy queue")
     limits: LimitsConfig = LimitsConfig()
     max_concurrent_rpcs: int = Field(
         512, ge=1, le=100_000,

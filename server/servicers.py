@@ -44,12 +44,21 @@ def _submit(servicer, validate, request, context):
     """Validate against the engine serving now, then wait for the batch: (Done, engine, start time)."""
     t0, engine = time.monotonic(), servicer.slot.current
     query = validate(request, engine, servicer.limits)
-    return servicer.batcher.submit((engine, query), _timeout(context), context.add_callback), engine, t0
+    batcher = servicer.queue_of(query)
+    return batcher.submit((engine, query), _timeout(context), context.add_callback), engine, t0
 
 
 class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
-    def __init__(self, slot: EngineSlot, batcher: MicroBatcher, limits: LimitsConfig):
-        self.slot, self.batcher, self.limits = slot, batcher, limits
+    """Cheap calls (beam search up to cheap_beam_width) and expensive ones (VED, wider beams) wait in separate
+    queues with a worker each: a storm of expensive calls cannot hold a cheap one behind its batches."""
+
+    def __init__(self, slot: EngineSlot, batcher: MicroBatcher, heavy: MicroBatcher, config: ServerConfig):
+        self.slot, self.batcher, self.heavy, self.limits = slot, batcher, heavy, config.limits
+        self.cheap_beam_width = config.cheap_beam_width
+
+    def queue_of(self, query) -> MicroBatcher:
+        cheap = query.strategy == "beam" and query.beam_width <= self.cheap_beam_width
+        return self.batcher if cheap else self.heavy
 
     def Recommend(self, request, context):
         done, engine, t0 = _submit(self, validation.recommend_query, request, context)
@@ -59,6 +68,9 @@ class RecommendServicer(recommend_pb2_grpc.RecommendServiceServicer):
 class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
     def __init__(self, slot: EngineSlot, batcher: MicroBatcher, limits: LimitsConfig):
         self.slot, self.batcher, self.limits = slot, batcher, limits
+
+    def queue_of(self, query) -> MicroBatcher:
+        return self.batcher
 
     def Embed(self, request, context):
         done, engine, t0 = _submit(self, validation.embed_query, request, context)
@@ -70,6 +82,9 @@ class EmbedServicer(embed_pb2_grpc.EmbedServiceServicer):
 class SearchServicer(search_pb2_grpc.SearchServiceServicer):
     def __init__(self, slot: EngineSlot, batcher: MicroBatcher, limits: LimitsConfig):
         self.slot, self.batcher, self.limits = slot, batcher, limits
+
+    def queue_of(self, query) -> MicroBatcher:
+        return self.batcher
 
     def Search(self, request, context):
         done, engine, t0 = _submit(self, validation.search_query, request, context)

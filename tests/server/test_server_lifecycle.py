@@ -198,3 +198,22 @@ def test_health_is_never_refused_by_the_concurrency_limit(served_bundle, ids):
         r.server.batchers["recommend"].flush()  # release the held batch: all four answered
         assert [len(f.result(timeout=60).items) for f in held] == [3] * 4
         assert r.stubs.info.GetInfo(info_pb2.GetInfoRequest(), timeout=10).catalog_size > 0  # admitted again
+
+
+def test_expensive_calls_do_not_hold_cheap_ones(served_bundle, ids):
+    """VED calls at a large budget wait in their own queue: beam calls sent while they compute are answered
+    before they are (on one shared queue they waited behind the VED batch)."""
+    with running(served_bundle) as r:
+        ved = recommend_pb2.Decoding(strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=32, budget=4096)
+        heavy = [r.stubs.recommend.Recommend.future(recommend_pb2.RecommendRequest(
+            history=ids[i:i + 5], k=10, decoding=ved), timeout=300) for i in range(8)]
+        wait_for(lambda: r.metric("genrec_queue_depth", queue="recommend-heavy") <= 4, what="a heavy batch to start")
+        t0 = time.monotonic()
+        cheap = [r.stubs.recommend.Recommend(recommend_pb2.RecommendRequest(history=ids[i:i + 3], k=5), timeout=60)
+                 for i in range(5)]
+        cheap_s = time.monotonic() - t0
+        assert not all(f.done() for f in heavy), "the cheap calls were answered only after every heavy one"
+        assert all(len(c.items) == 5 and c.metadata.batch_size == 1 for c in cheap)
+        assert [len(f.result(timeout=300).items) for f in heavy] == [10] * 8
+        assert r.metric("genrec_batch_size_count", queue="recommend-heavy") >= 2  # batches of at most 4
+        assert cheap_s < time.monotonic() - t0
