@@ -71,13 +71,18 @@ class _Forest:
         self.used = torch.zeros(users, dtype=torch.long, **z)  # slots filled
 
 
+class SearchStopped(Exception):
+    """`should_stop()` asked VED to give up between two rounds (every caller of the batch has left)."""
+
+
 @torch.no_grad()
 def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: torch.Tensor, k: int,
                beam_width: int, budget: int | None = None, cfg: VedConfig = VedConfig(),
-               exclude: torch.Tensor | None = None, values=None) -> VedResult:
+               exclude: torch.Tensor | None = None, values=None, should_stop=None) -> VedResult:
     """history (U, T) catalog rows, -1 left padding -> the top-k items per user found within `budget` forwards.
     values: optional values(user, trie_node, depth) -> V that replaces the value head (benchmarks/decoding.py runs
-    VED with an oracle value this way, to tell the search apart from the value estimate)."""
+    VED with an oracle value this way, to tell the search apart from the value estimate). should_stop: optional
+    () -> bool, checked between rounds; True raises SearchStopped (a server drops work nobody waits for)."""
     depth, device = trie.depth, history.device
     budget = beam_budget(depth, beam_width) if budget is None else budget
     assert budget >= 1, "budget must allow the root forward"
@@ -151,6 +156,8 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
         active = spent < budget
         if not active.any():
             break
+        if should_stop is not None and should_stop():
+            raise SearchStopped(f"stopped after {int(spent.max())} of {budget} forwards")
         _, _, ucb, gate = ved_scores(f.logits, f.tnode, f.depth, f.value, f.visits, trie.child_ptr, trie.child_code,
                                      cfg.lam, cfg.beta, depth, trie.max_children)
         expanded = (f.child >= 0).sum(2)

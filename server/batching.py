@@ -5,10 +5,12 @@ oldest has waited `max_wait_ms`, takes up to `max_batch_size` requests and hands
 is bounded: a request that finds it full is refused at once (Overloaded -> RESOURCE_EXHAUSTED), so overload shows up
 as fast failures a client can back off from, not as unbounded latency. A request whose deadline passes or whose
 client leaves while it waits is taken out of the queue at that moment: it is never computed and holds no place.
+A long computation (VED) asks `batch_alive()` between its rounds and stops once every caller of its batch has left.
 """
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import threading
 import time
@@ -17,13 +19,21 @@ from dataclasses import dataclass, field
 from typing import Callable, Generic, Hashable, Iterable, TypeVar
 
 from genrec.server.config import BatchingConfig
-from genrec.server.errors import Cancelled, DeadlineExpired, Overloaded, Unavailable
+from genrec.server.errors import Abandoned, Cancelled, DeadlineExpired, Overloaded, Unavailable
 from genrec.server.metrics import Metrics
 
 P = TypeVar("P")  # a request payload
 R = TypeVar("R")  # its result
 
 log = logging.getLogger(__name__)
+
+# Set while a batch computes, on its worker thread: () -> bool, whether any caller of the batch still waits.
+_batch_alive: contextvars.ContextVar[Callable[[], bool] | None] = contextvars.ContextVar("batch_alive", default=None)
+
+
+def batch_alive() -> Callable[[], bool] | None:
+    """For the computation of a batch: a check that some caller still waits for it (None outside a batch)."""
+    return _batch_alive.get()
 
 
 @dataclass
@@ -44,6 +54,7 @@ class _Pending(Generic[P]):
     done: Done | None = None
     error: BaseException | None = None
     event: threading.Event = field(default_factory=threading.Event)
+    gone: bool = False  # its RPC ended (deadline, cancel) while it was in a running batch
 
     def finish(self, done: Done | None = None, error: BaseException | None = None) -> None:
         self.done, self.error = done, error
@@ -102,6 +113,7 @@ class MicroBatcher(Generic[P, R]):
             try:
                 self._queue.remove(pending)
             except ValueError:
+                pending.gone = True  # in a running batch (or done): the batch may stop once all its callers left
                 return
             self._depth.set(len(self._queue))
         self._drop(pending, time.monotonic())
@@ -164,9 +176,20 @@ class MicroBatcher(Generic[P, R]):
                 self._compute(live, start)
 
     def _compute(self, live: list[_Pending[P]], start: float) -> None:
+        def alive() -> bool:
+            now = time.monotonic()
+            return any(not p.gone and not p.expired(now) for p in live)
+
+        token = _batch_alive.set(alive)
         try:
             results = self._run([p.payload for p in live])
             assert len(results) == len(live), f"{self.name}: run returned {len(results)} results for {len(live)}"
+        except Abandoned:
+            now = time.monotonic()
+            self._metrics.compute.labels(self.name).observe(now - start)
+            for p in live:
+                self._drop(p, now)
+            return
         except Exception as e:  # noqa: BLE001 - re-raised in each caller's thread
             if len(live) > 1:  # isolate the request that broke the batch: the others still get answers
                 log.warning("%s: a batch of %d failed (%s); retrying one at a time", self.name, len(live), e)
@@ -175,6 +198,8 @@ class MicroBatcher(Generic[P, R]):
                 return
             live[0].finish(error=e)
             return
+        finally:
+            _batch_alive.reset(token)
         compute = time.monotonic() - start
         self._metrics.batch_size.labels(self.name).observe(len(live))
         self._metrics.compute.labels(self.name).observe(compute)

@@ -23,8 +23,9 @@ from genrec.models.decoding import beam_search
 from genrec.models.embedder import Embedder, EmbedInput, PromptTokenizer
 from genrec.models.loading import load_recommender, load_search_index, load_trie, load_value_head, prefix_trie
 from genrec.models.onnx_embedder import ONNX_FILE
-from genrec.models.ved import beam_budget, ved_decode
-from genrec.server.batching import grouped
+from genrec.models.ved import SearchStopped, beam_budget, ved_decode
+from genrec.server.batching import batch_alive, grouped
+from genrec.server.errors import Abandoned
 
 Role = Literal["query", "document"]
 Backend = Literal["torch", "onnx"]
@@ -205,8 +206,13 @@ class Engine:
             # Built on the CPU and moved once: one copy per batch instead of one per request.
             first, k = group[0], max(q.k for q in group)
             if first.strategy == "ved":  # VED's top-k do not depend on k beyond truncation either
-                recs = ved_decode(self.model, self.value_head, self.trie, history.to(self.device), k,
-                                  first.beam_width, first.budget, self.ved_config, exclude)
+                alive = batch_alive()
+                try:
+                    recs = ved_decode(self.model, self.value_head, self.trie, history.to(self.device), k,
+                                      first.beam_width, first.budget, self.ved_config, exclude,
+                                      should_stop=None if alive is None else lambda: not alive())
+                except SearchStopped as e:
+                    raise Abandoned(f"every caller of this VED batch left ({e})") from None
             else:
                 recs = beam_search(self.model, self.trie, history.to(self.device), first.beam_width, k, exclude)
             for r, (i, q) in enumerate(zip(idx, group)):

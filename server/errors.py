@@ -31,6 +31,10 @@ class Cancelled(ServingError):
     """The client went away before its batch ran."""
 
 
+class Abandoned(ServingError):
+    """Every caller of a running batch left (deadline or cancel): the batch stopped early, nobody gets its result."""
+
+
 class Unavailable(ServingError):
     """The server is shutting down."""
 
@@ -52,6 +56,7 @@ _CODES: dict[type[Exception], grpc.StatusCode] = {
     Overloaded: grpc.StatusCode.RESOURCE_EXHAUSTED,
     DeadlineExpired: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
+    Abandoned: grpc.StatusCode.CANCELLED,
     Unavailable: grpc.StatusCode.UNAVAILABLE,
     NotServed: grpc.StatusCode.FAILED_PRECONDITION,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,

@@ -217,3 +217,22 @@ def test_expensive_calls_do_not_hold_cheap_ones(served_bundle, ids):
         assert [len(f.result(timeout=300).items) for f in heavy] == [10] * 8
         assert r.metric("genrec_batch_size_count", queue="recommend-heavy") >= 2  # batches of at most 4
         assert cheap_s < time.monotonic() - t0
+
+
+def test_a_ved_batch_stops_once_its_callers_left(served_bundle, ids):
+    """A VED call whose deadline passes mid-search stops between rounds: the server spends a fraction of the full
+    search on it (before, it ran to the end for nobody)."""
+    ved = recommend_pb2.Decoding(strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=32, budget=4096)
+    request = recommend_pb2.RecommendRequest(history=ids[:5], k=10, decoding=ved)
+    with running(served_bundle) as r:
+        compute = lambda: r.metric("genrec_batch_compute_seconds_sum", queue="recommend-heavy")  # noqa: E731
+        r.stubs.recommend.Recommend(request, timeout=300)
+        full = compute()
+        with pytest.raises(grpc.RpcError) as e:
+            r.stubs.recommend.Recommend(request, timeout=full / 10)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        # Dropped: by its deadline, or as cancelled when gRPC's end-of-call callback came first.
+        dropped = lambda: sum(r.metric("genrec_dropped_total", queue="recommend-heavy", reason=reason)  # noqa: E731
+                              for reason in ("deadline", "cancelled"))
+        wait_for(lambda: dropped() == 1, timeout=60, what="the stopped batch to be counted")
+        assert compute() - full < full / 2
