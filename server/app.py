@@ -106,10 +106,13 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
                                                                       config.batching.max_batch_size)})
     batchers["recommend-heavy"] = MicroBatcher("recommend-heavy", per_engine("recommend"), heavy, metrics)
 
-    interceptors = [ObservabilityInterceptor(metrics, config.max_concurrent_rpcs)]
+    interceptors = [ObservabilityInterceptor(metrics, config.max_concurrent_rpcs, config.limits)]
     if config.auth_token is not None:
         interceptors.append(AuthInterceptor(config.auth_token.get_secret_value()))
     size = config.limits.max_message_bytes
+    # No method takes more than its largest valid request (LimitsConfig.request_bytes), so gRPC need not buffer more.
+    receive = max(config.limits.request_bytes(f"{svc.name}/{m.name}") for mod in (recommend_pb2, embed_pb2,
+                  search_pb2, info_pb2) for svc in mod.DESCRIPTOR.services_by_name.values() for m in svc.methods)
     # One thread per RPC: a queued request holds its thread while it waits for its batch. The interceptor admits
     # max_concurrent_rpcs genrec.v1 calls; gRPC's ceiling sits HEADROOM above, so health checks, reflection and the
     # answers that refuse (and count) the excess calls still find a thread.
@@ -117,7 +120,7 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=ceiling, thread_name_prefix="rpc"),
         interceptors=interceptors, maximum_concurrent_rpcs=ceiling,
-        options=[("grpc.max_receive_message_length", size), ("grpc.max_send_message_length", size),
+        options=[("grpc.max_receive_message_length", receive), ("grpc.max_send_message_length", size),
                  ("grpc.so_reuseport", int(config.reuse_port))])
 
     limits = config.limits

@@ -22,6 +22,9 @@ class BatchingConfig(Frozen):
         description="requests waiting per queue; more are refused with RESOURCE_EXHAUSTED instead of queueing")
 
 
+MAX_VECTOR_DIMS = 8192  # the widest Search vector a request may carry (the served bundle's dimension is checked)
+
+
 class LimitsConfig(Frozen):
     """Input limits; requests beyond them get INVALID_ARGUMENT with the limit in the message."""
 
@@ -36,6 +39,16 @@ class LimitsConfig(Frozen):
     max_image_bytes: int = Field(4 << 20, ge=1, description="bytes per encoded image")
     max_message_bytes: int = Field(16 << 20, ge=1 << 16, le=1 << 30,
                                    description="largest gRPC message received or sent")
+
+    def request_bytes(self, method: str) -> int:
+        """The wire size of the largest request of `method` ("Service/Method") that these limits accept: a larger
+        one is refused before it is parsed, so no request costs more memory than a valid one could."""
+        slack, text = 4096, 4 * self.max_text_chars + 16  # tags and small fields; UTF-8 is at most 4 bytes a char
+        sizes = {"RecommendService/Recommend": 11 * self.max_history_items,  # a varint item id: at most 10 bytes
+                 "EmbedService/Embed": self.max_inputs * (max(text, self.max_image_bytes) + 16),
+                 "SearchService/Search": text + self.max_image_bytes + 5 * MAX_VECTOR_DIMS,
+                 "InfoService/GetInfo": 0, "AdminService/Reload": 4096}
+        return min(sizes.get(method, self.max_message_bytes) + slack, self.max_message_bytes)
 
     @model_validator(mode="after")
     def _consistent(self):

@@ -12,16 +12,43 @@ import time
 
 import grpc
 
-from genrec.server.errors import Overloaded, Unauthenticated, status_of
+from genrec.server.config import LimitsConfig
+from genrec.server.errors import InvalidRequest, Overloaded, Unauthenticated, status_of
 from genrec.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
 _PREFIX = "/genrec.v1."
 
 
-def _replace_unary(handler: grpc.RpcMethodHandler, behavior) -> grpc.RpcMethodHandler:
-    return grpc.unary_unary_rpc_method_handler(behavior, request_deserializer=handler.request_deserializer,
+def _replace_unary(handler: grpc.RpcMethodHandler, behavior, deserializer=None) -> grpc.RpcMethodHandler:
+    return grpc.unary_unary_rpc_method_handler(behavior,
+                                               request_deserializer=deserializer or handler.request_deserializer,
                                                response_serializer=handler.response_serializer)
+
+
+class _Unreadable:
+    """What the guarded deserializer hands on instead of raising (gRPC would answer a raise with INTERNAL)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _guarded(deserialize, method: str, max_bytes: int):
+    """Refuse a request larger than any valid one before parsing it, and malformed bytes as the caller's fault."""
+
+    def read(data: bytes):
+        if len(data) > max_bytes:
+            return _Unreadable(InvalidRequest(
+                f"the {method} request is {len(data):,} bytes, above the {max_bytes:,} that the largest valid one "
+                "takes under this server's limits (InfoService/GetInfo lists them): send a smaller request"))
+        try:
+            return deserialize(data)
+        except Exception as e:  # noqa: BLE001 - protobuf's DecodeError and friends
+            return _Unreadable(InvalidRequest(
+                f"the {method} request is not a valid protobuf message of its type ({type(e).__name__}): build it "
+                "with stubs generated from genrec.v1's .proto files"))
+
+    return read
 
 
 class ObservabilityInterceptor(grpc.ServerInterceptor):
@@ -30,8 +57,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
     ones included, by method and code, and times it. Health and reflection are not limited here: gRPC's own ceiling
     sits above this one (server/app.py), so probes still get a thread when genrec.v1 calls fill the limit."""
 
-    def __init__(self, metrics: Metrics, max_concurrent: int):
-        self.metrics, self.max_concurrent = metrics, max_concurrent
+    def __init__(self, metrics: Metrics, max_concurrent: int, limits: LimitsConfig):
+        self.metrics, self.max_concurrent, self.limits = metrics, max_concurrent, limits
         self._admission = threading.BoundedSemaphore(max_concurrent)
 
     def intercept_service(self, continuation, details):
@@ -49,6 +76,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                 if not admitted:
                     raise Overloaded(f"the server is at its limit of {self.max_concurrent} concurrent calls: retry "
                                      "with backoff, lower the concurrency, or add replicas")
+                if isinstance(request, _Unreadable):
+                    raise request.error
                 return behavior(request, context)
             except Exception as e:  # noqa: BLE001 - every failure leaves as a status
                 code, message = status_of(e)
@@ -61,7 +90,8 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
                 self.metrics.requests.labels(method, code.name).inc()
                 self.metrics.latency.labels(method).observe(time.perf_counter() - t0)
 
-        return _replace_unary(handler, observed)
+        deserializer = _guarded(handler.request_deserializer, method, self.limits.request_bytes(method))
+        return _replace_unary(handler, observed, deserializer)
 
 
 class AuthInterceptor(grpc.ServerInterceptor):

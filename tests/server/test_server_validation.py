@@ -6,6 +6,7 @@ import grpc
 import pytest
 
 from genrec.v1 import embed_pb2, recommend_pb2, search_pb2
+from genrec.v1.info_pb2 import GetInfoRequest as InfoRequest
 
 from serverfixtures import LIMITS
 
@@ -107,3 +108,52 @@ def test_message_size_limit(shared_server):
         _call(shared_server, huge)
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert "larger than max" in e.value.details()
+
+
+def test_a_request_larger_than_any_valid_one_is_refused_before_parsing(shared_server):
+    """Requests beyond what the limits allow are refused by their size, never parsed (before, a 14 MB Recommend
+    was parsed into a list of ints first and raised server memory by 441 MB)."""
+    limit = LIMITS.request_bytes("RecommendService/Recommend")
+    assert limit < 11 * LIMITS.max_history_items + 8192
+    # Above Recommend's own limit: refused by the server's size check.
+    big = R.RecommendRequest(history=list(range(1, 5000)), k=5)
+    assert limit < big.ByteSize() < LIMITS.request_bytes("EmbedService/Embed")
+    with pytest.raises(grpc.RpcError) as e:
+        _call(shared_server, big)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "RecommendService/Recommend request is" in e.value.details() and f"{limit:,}" in e.value.details()
+    # Above every method's limit: gRPC refuses it while receiving, before any buffer of that size is parsed.
+    huge = R.RecommendRequest(history=list(range(1, 250_000)), k=5)
+    with pytest.raises(grpc.RpcError) as e:
+        _call(shared_server, huge)
+    assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    # The largest valid request still passes the size check (and is then judged on its content).
+    largest = R.RecommendRequest(history=[2**62] * LIMITS.max_history_items, k=5)
+    assert largest.ByteSize() <= limit
+    with pytest.raises(grpc.RpcError) as e:
+        _call(shared_server, largest)
+    assert "not in the served catalog" in e.value.details()
+
+
+@pytest.mark.parametrize("method", ["/genrec.v1.RecommendService/Recommend", "/genrec.v1.EmbedService/Embed",
+                                    "/genrec.v1.SearchService/Search", "/genrec.v1.InfoService/GetInfo"])
+@pytest.mark.parametrize("wire", [b"\xff\xff\xff", b"\x0a\x05ab", b"\x08"], ids=["bad-tag", "truncated", "no-value"])
+def test_malformed_bytes_are_the_callers_fault(shared_server, method, wire):
+    """Bad tags and truncated fields: INVALID_ARGUMENT naming the method (gRPC's default is INTERNAL: Exception
+    deserializing request!), and the server stays healthy."""
+    call = shared_server.channel.unary_unary(method, request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as e:
+        call(wire, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    assert method.removeprefix("/genrec.v1.") in e.value.details() and "not a valid protobuf" in e.value.details()
+    assert shared_server.stubs.info.GetInfo(InfoRequest(), timeout=30).catalog_size > 0
+
+
+def test_invalid_utf8_in_a_string_field_is_the_callers_fault(shared_server):
+    text_field = S.SearchRequest.DESCRIPTOR.fields_by_name["text"].number
+    wire = bytes([text_field << 3 | 2, 2, 0xC3, 0x28])  # a length-delimited field holding invalid UTF-8
+    call = shared_server.channel.unary_unary("/genrec.v1.SearchService/Search", request_serializer=None,
+                                             response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as e:
+        call(wire, timeout=30)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf" in e.value.details()
