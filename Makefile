@@ -35,14 +35,17 @@ protos: install
 	$(BIN)/python protos/generate.py
 
 # The demo bundle: synthetic sample -> item vectors, FAISS, semantic IDs -> SFT -> value head (about 2 minutes).
-# The target is the last artifact, so an interrupted build or training is redone, never served half-made.
-$(DEMO_BUNDLE)/value.safetensors: | install
-	$(BIN)/genrec data synth --out $(DEMO_DATA)
-	$(BIN)/genrec build --data $(DEMO_DATA) --out $(DEMO_BUNDLE) --preset demo
-	$(BIN)/genrec train sft --bundle $(DEMO_BUNDLE) --data $(DEMO_DATA)
-	$(BIN)/genrec train value --bundle $(DEMO_BUNDLE) --data $(DEMO_DATA)
-
-demo-bundle: $(DEMO_BUNDLE)/value.safetensors
+# Each step runs only when its artifact is missing from the manifest (bundles are written atomically, so a listed
+# file is a whole one): an interrupted build resumes where it stopped, and a bundle retrained by hand (which drops
+# the value head) gets only a new value head.
+demo-bundle: | install
+	@test -f $(DEMO_BUNDLE)/manifest.json || { $(BIN)/genrec data synth --out $(DEMO_DATA) && \
+		$(BIN)/genrec build --data $(DEMO_DATA) --out $(DEMO_BUNDLE) --preset demo; }
+	@test -f $(DEMO_DATA)/sequential_data.txt || $(BIN)/genrec data synth --out $(DEMO_DATA)
+	@grep -q '"recommender.safetensors"' $(DEMO_BUNDLE)/manifest.json || \
+		$(BIN)/genrec train sft --bundle $(DEMO_BUNDLE) --data $(DEMO_DATA)
+	@grep -q '"value.safetensors"' $(DEMO_BUNDLE)/manifest.json || \
+		$(BIN)/genrec train value --bundle $(DEMO_BUNDLE) --data $(DEMO_DATA)
 
 # Serving another bundle (BUNDLE=...) never triggers the demo build.
 serve: install $(if $(filter $(DEMO_BUNDLE),$(BUNDLE)),demo-bundle)

@@ -81,14 +81,15 @@ class GenrecServer:
         """Graceful: NOT_SERVING (load balancers drain) for drain_s, refuse new RPCs, let in-flight ones finish within `grace`
         seconds, then stop the queues and the metrics endpoint."""
         grace = self.config.grace_s if grace is None else grace
+        end = time.monotonic() + grace  # the whole stop fits in `grace` (plus the batch running at its end)
         self.health.enter_graceful_shutdown()
         time.sleep(min(self.config.drain_s, grace))  # health watchers move their new calls to other replicas
-        stopped = self.grpc_server.stop(grace)  # refuses new RPCs now; cancels what still runs after `grace`
+        stopped = self.grpc_server.stop(max(0.0, end - time.monotonic()))  # refuses new RPCs; cancels the rest at end
         for b in self.batchers.values():
             b.flush()  # in-flight requests wait in the queues: run them now rather than wait for fuller batches
         stopped.wait()
-        for b in self.batchers.values():
-            b.close(timeout=grace)
+        for b in self.batchers.values():  # cancelled callers left: their queued work is dropped, VED stops early
+            b.close(timeout=max(0.0, end - time.monotonic()) + 1.0)
         if self._metrics_http is not None:
             self._metrics_http.shutdown()
             self._metrics_http.server_close()

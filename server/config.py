@@ -125,6 +125,14 @@ class ServerConfig(Frozen):
         for path in (self.tls_cert, self.tls_key):
             if path is not None and not path.is_file():
                 raise ValueError(f"TLS file {path} does not exist")
+        if self.tls_cert is not None:  # gRPC reports a bad PEM only when binding, as if the port were taken
+            import ssl
+
+            try:
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.tls_cert, self.tls_key)
+            except (ssl.SSLError, OSError) as e:
+                raise ValueError(f"TLS certificate {self.tls_cert} and key {self.tls_key} do not load ({e}): give "
+                                 "a PEM certificate chain and its unencrypted PEM private key") from None
         if self.auth_token is not None and not self.auth_token.get_secret_value().strip():
             raise ValueError("auth_token is empty: give a token, or leave it unset to turn auth off")
         return self

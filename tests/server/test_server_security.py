@@ -84,6 +84,9 @@ def test_server_config_is_checked_once_at_the_edge(served_bundle, cert):
         config_for(served_bundle, tls_cert=cert[0], tls_key=cert[1].with_name("nope.pem"))
     with pytest.raises(ValueError, match="auth_token is empty"):
         config_for(served_bundle, auth_token=" ")
+    # A file that is not a PEM key is named as such (gRPC alone reports it as a port it cannot bind).
+    with pytest.raises(ValueError, match="do not load .* PEM certificate chain"):
+        config_for(served_bundle, tls_cert=cert[0], tls_key=cert[0])
     with pytest.raises(ValueError, match="'tpu:0' is not a torch device"):
         config_for(served_bundle, device="tpu:0")
     if not torch.cuda.is_available():
