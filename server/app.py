@@ -15,7 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from genrec.server.batching import MicroBatcher, grouped
 from genrec.server.config import ServerConfig
-from genrec.server.engine import Engine
+from genrec.server.engine import Engine, set_compute_threads
 from genrec.server.interceptors import AuthInterceptor, ObservabilityInterceptor
 from genrec.server.metrics import Metrics
 from genrec.server.servicers import AdminServicer, EmbedServicer, InfoServicer, RecommendServicer, SearchServicer
@@ -100,6 +100,8 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
     """Load the bundle, build the server and bind its port (0 = a free one). Health reports NOT_SERVING until
     `warm_up()`. Raises BundleError when the bundle cannot be served."""
     metrics = Metrics()
+    threads = set_compute_threads(config.threads)
+    log.info("compute threads: %d (torch, FAISS, ONNX Runtime)", threads)
     slot = EngineSlot(Engine.load(config.bundle, device=config.device, backend=config.backend), metrics)
     batchers = {name: MicroBatcher(name, per_engine(name), config.batching, metrics)
                 for name in ("recommend", "embed", "search")}

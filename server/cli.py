@@ -32,6 +32,7 @@ def serve(
     max_queue: Annotated[int, typer.Option(min=1, help=_B["max_queue"].description)] = _B["max_queue"].default,
     max_concurrent_rpcs: Annotated[int, typer.Option(min=1, help=_S["max_concurrent_rpcs"].description)] = (
         _S["max_concurrent_rpcs"].default),
+    threads: Annotated[int, typer.Option(min=0, help=_S["threads"].description)] = 0,
     device: Annotated[str, typer.Option(help=_S["device"].description)] = _S["device"].default,
     backend: Annotated[str, typer.Option(help=_S["backend"].description)] = _S["backend"].default,
     grace_s: Annotated[float, typer.Option(min=0.0, help=_S["grace_s"].description)] = _S["grace_s"].default,
@@ -67,7 +68,8 @@ def serve(
         config = ServerConfig(
             bundle=bundle, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
             batching=BatchingConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue),
-            max_concurrent_rpcs=max_concurrent_rpcs, device=device, backend=backend, grace_s=grace_s, drain_s=drain_s,
+            max_concurrent_rpcs=max_concurrent_rpcs, threads=threads, device=device, backend=backend,
+            grace_s=grace_s, drain_s=drain_s,
             auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key, reload_root=reload_root,
             allow_unauthenticated_reload=allow_unauthenticated_reload)
         if workers > 1:

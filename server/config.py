@@ -81,6 +81,9 @@ class ServerConfig(Frozen):
         512, ge=1, le=100_000,
         description="RPCs admitted at once (each holds a thread while queued); gRPC refuses more with "
                     "RESOURCE_EXHAUSTED")
+    threads: int = Field(
+        0, ge=0, le=1024, description="compute threads of torch, FAISS and ONNX Runtime; 0 = every core this "
+        "process may use (`--workers N` gives each worker its share)")
     device: str = Field("cpu", description="torch device of the recommender and the embedder: cpu, cuda, cuda:1")
     backend: Literal["torch", "onnx"] = Field(
         "torch", description="embedder runtime: torch, or onnx (onnxruntime on the bundle's embedder.onnx; see "

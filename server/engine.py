@@ -70,8 +70,8 @@ class SharedEmbedder:
     Shared across hot swaps when the config, device and backend are equal."""
 
     def __init__(self, cfg: EmbedderConfig, device: str = "cpu", backend: Backend = "torch",
-                 onnx_path: Path | None = None):
-        self.cfg, self.device, self.backend = cfg, device, backend
+                 onnx_path: Path | None = None, threads: int | None = None):
+        self.cfg, self.device, self.backend, self.threads = cfg, device, backend, threads
         if backend == "onnx":
             from genrec.models.onnx_embedder import OnnxEmbedder
 
@@ -79,9 +79,10 @@ class SharedEmbedder:
                 raise BundleError(f"--backend onnx needs {ONNX_FILE} in the bundle: run `genrec embedder export-onnx "
                                   f"--bundle {onnx_path.parent if onnx_path else 'BUNDLE'}` first, or serve with "
                                   f"--backend torch")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.startswith("cuda") else \
-                ["CPUExecutionProvider"]
-            self._model = OnnxEmbedder(cfg, onnx_path, providers)
+            cuda = torch.device(device)
+            providers = [("CUDAExecutionProvider", {"device_id": cuda.index or 0}), "CPUExecutionProvider"] \
+                if cuda.type == "cuda" else ["CPUExecutionProvider"]
+            self._model = OnnxEmbedder(cfg, onnx_path, providers, threads)
         else:
             self._model = Embedder(cfg, device)
         self.dim, self.accepts_images = self._model.dim, self._model.accepts_images
@@ -100,6 +101,28 @@ class SharedEmbedder:
         """(N, D) unit-norm float32; the prompt (if the backbone uses one) depends on the role."""
         with self._lock:
             return self._model.encode(inputs, role)
+
+
+def set_compute_threads(threads: int = 0) -> int:
+    """Threads of every compute library the server uses (torch intra-op, FAISS's OpenMP, ONNX Runtime sessions
+    made from now on); 0 = the cores this process may run on. Each library otherwise picks its own count, and
+    together with the RPC threads they oversubscribe the cores. Returns the count."""
+    import os
+
+    threads = threads or len(os.sched_getaffinity(0))
+    torch.set_num_threads(threads)
+    faiss.omp_set_num_threads(threads)
+    global _THREADS
+    _THREADS = threads
+    return threads
+
+
+_THREADS: int | None = None
+
+
+def compute_threads() -> int | None:
+    """What set_compute_threads chose (None before it ran: each library's default)."""
+    return _THREADS
 
 
 def _manifest_bytes(path: Path) -> bytes | None:
@@ -180,7 +203,8 @@ class Engine:
         cfg = bundle.preset.embedder
         same = before is not None and backend == "torch" and before.backend == "torch" and before.cfg == cfg and \
             before.device == device
-        embedder = before if same else SharedEmbedder(cfg, device, backend, bundle.path / ONNX_FILE)
+        threads = before.threads if before is not None else compute_threads()
+        embedder = before if same else SharedEmbedder(cfg, device, backend, bundle.path / ONNX_FILE, threads)
         return cls(bundle, embedder, device)
 
     # ---- batched computations (called on batcher worker threads) -------------------------------------------

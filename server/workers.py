@@ -52,16 +52,13 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker(config: ServerConfig, index: int, threads: int, ready, log_level: str) -> None:
+def _worker(config: ServerConfig, index: int, ready, log_level: str) -> None:
     """One server process (spawned: gRPC and torch do not survive fork)."""
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which stops the workers once, gracefully
     _die_with_parent()
-    import torch
-
     from genrec.core.bundle import BundleError
     from genrec.server.app import create_server, serve_until_signalled
 
-    torch.set_num_threads(threads)
     logging.basicConfig(level=log_level.upper(), format=f"%(asctime)s %(levelname)s worker {index}: %(message)s")
     logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     try:
@@ -77,15 +74,16 @@ def serve_workers(config: ServerConfig, workers: int, log_level: str = "INFO") -
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     reservation = reserve_port(config.host, config.port)
     port = reservation.getsockname()[1]
-    threads = max(1, (os.cpu_count() or 1) // workers)
+    threads = config.threads or max(1, len(os.sched_getaffinity(0)) // workers)
     ctx = mp.get_context("spawn")
 
     def start(index: int):
         # Worker i exposes its own /metrics on metrics_port + i (0 = a free port each; None = none).
         metrics = config.metrics_port + index if config.metrics_port else config.metrics_port
-        worker_config = config.model_copy(update={"port": port, "reuse_port": True, "metrics_port": metrics})
+        worker_config = config.model_copy(update={"port": port, "reuse_port": True, "metrics_port": metrics,
+                                                  "threads": threads})
         ready = ctx.Event()
-        proc = ctx.Process(target=_worker, args=(worker_config, index, threads, ready, log_level),
+        proc = ctx.Process(target=_worker, args=(worker_config, index, ready, log_level),
                            name=f"genrec-worker-{index}")
         proc.start()
         return proc, ready

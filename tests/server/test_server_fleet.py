@@ -138,3 +138,19 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def test_compute_threads_are_set_explicitly(served_bundle):
+    import faiss
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        server, _ = create_server(config_for(served_bundle, threads=1))
+        assert torch.get_num_threads() == 1 and faiss.omp_get_max_threads() == 1
+        server.stop(grace=0)
+        server, _ = create_server(config_for(served_bundle))  # 0: every core this process may use
+        assert torch.get_num_threads() == len(os.sched_getaffinity(0)) == faiss.omp_get_max_threads()
+        server.stop(grace=0)
+    finally:
+        torch.set_num_threads(before)
