@@ -4,7 +4,8 @@ Candidates come in groups, one group of G per user context: items (U, G) with -1
 find fewer than G distinct items), and the trie path of each candidate, nodes (U, G, D + 1): the root, the prefix nodes
 of depth 1 .. D - 1, and the item (a leaf) last, offset by the number of inner nodes so that every key is distinct.
 
-  rewards            exact hit, MiniOneRec's rank-aware penalty, semantic cosine, combined with weights
+  rewards            exact hit ("rule"), MiniOneRec's / V-STAR's ndcg_rule penalty, our ranking variant, semantic
+                     cosine, combined with weights
   group_advantages   each candidate against its own group: (R - mean) / (std + eps)
   sibling_advantages each (parent prefix, child code) node against its siblings: the children of the same parent
                      that some candidate of the same context took, where the parent has at least two of them
@@ -23,9 +24,22 @@ def exact_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (items == target[:, None]).float()
 
 
+def ndcg_rule_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MiniOneRec's and V-STAR's `ndcg_rule_reward`, as published: in a group of G that holds the target, every
+    other candidate at rank i (0-based, in decoder order) earns -(1 / log2(i + 2)) / sum over j < G of
+    1 / log2(j + 2); the target earns 0, and a group without the target earns 0 everywhere. Added to the rule
+    reward (`exact_reward`) it is their training reward. Empty slots (-1) earn 0."""
+    g = items.shape[1]
+    discount = 1.0 / torch.log2(torch.arange(g, device=items.device, dtype=torch.float32) + 2)  # (G,)
+    hit = items == target[:, None]
+    penalise = (items >= 0) & ~hit & hit.any(1, keepdim=True)
+    return torch.where(penalise, -(discount / discount.sum())[None], 0.0)
+
+
 def ranking_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """MiniOneRec's rank-aware reward: 1 for the target; each wrong candidate ranked above the target is penalised by
-    1 / log2(rank + 1), normalised so that the penalties of a group sum to -1. A group without the target earns 0
+    """Our variant of the rank-aware reward: 1 for the target; each wrong candidate ranked above the target is
+    penalised by 1 / log2(rank + 1), normalised so that the penalties of a group sum to -1 (the published
+    ndcg_rule penalises every non-target, below the target too, with a fixed normalisation). A group without the target earns 0
     everywhere: penalising its top candidates would only flatten the policy where it has nothing to learn from.
     Candidates must come ordered by the decoder's score (rank 1 first); empty slots earn 0."""
     g = items.shape[1]
@@ -46,8 +60,9 @@ def cosine_reward(items: torch.Tensor, target: torch.Tensor, vectors: torch.Tens
 
 def combined_reward(items: torch.Tensor, target: torch.Tensor, weights: dict[str, float],
                     vectors: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_k weights[k] * reward_k over 'exact', 'ranking' and 'cosine'."""
-    parts = {"exact": lambda: exact_reward(items, target), "ranking": lambda: ranking_reward(items, target),
+    """sum_k weights[k] * reward_k over 'exact', 'ndcg_rule', 'ranking' and 'cosine'."""
+    parts = {"exact": lambda: exact_reward(items, target), "ndcg_rule": lambda: ndcg_rule_reward(items, target),
+             "ranking": lambda: ranking_reward(items, target),
              "cosine": lambda: cosine_reward(items, target, vectors)}
     unknown = set(weights) - set(parts)
     assert not unknown, f"unknown rewards {sorted(unknown)}: use {sorted(parts)}"

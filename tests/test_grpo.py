@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
-from genrec.models.grpo import (EPS, combined_reward, exact_reward, group_advantages, k3_kl, policy_ratio_loss,
-                                ranking_reward, sibling_advantages)
+from genrec.core.config import RlConfig
+from genrec.models.grpo import (EPS, combined_reward, exact_reward, group_advantages, k3_kl, ndcg_rule_reward,
+                                policy_ratio_loss, ranking_reward, sibling_advantages)
 
 
 def paths(*rows):
@@ -24,6 +25,25 @@ def test_exact_and_ranking_rewards_by_hand():
     assert r[0].tolist() == pytest.approx([-w1 / (w1 + w2), -w2 / (w1 + w2), 1.0, 0.0])
     assert r[1].tolist() == pytest.approx([-1.0, 1.0, 0.0, 0.0])  # empty slots earn nothing
     assert r[2].tolist() == [0.0, 0.0, 0.0, 0.0]  # no hit: nothing to learn from, nothing penalised
+
+
+def test_published_ndcg_rule_reward_by_hand():
+    """MiniOneRec / V-STAR: G = 4, discounts 1/log2(2), 1/log2(3), 1/log2(4), 1/log2(5) = 1, 0.6309, 0.5, 0.4307
+    (sum 2.5616); every non-target in a group with the target earns -discount / sum, the target 0."""
+    items = torch.tensor([[5, 7, 3, 9], [3, 1, 2, 4], [4, 6, 8, 0], [2, -1, 6, -1]])
+    target = torch.tensor([3, 3, 11, 6])
+    got = ndcg_rule_reward(items, target)
+    d = [1.0, 0.63093, 0.5, 0.43068]
+    total = sum(d)  # 2.56161
+    expected = [[-d[0] / total, -d[1] / total, 0.0, -d[3] / total],  # the target at rank 2: the others all pay
+                [0.0, -d[1] / total, -d[2] / total, -d[3] / total],  # at rank 0: the ones below it pay too
+                [0.0, 0.0, 0.0, 0.0],                                 # no target in the group: no signal
+                [-d[0] / total, 0.0, 0.0, 0.0]]                        # empty slots earn 0
+    assert torch.allclose(got, torch.tensor(expected), atol=1e-4)
+    assert got[0].tolist() == pytest.approx([-0.39038, -0.24630, 0.0, -0.16813], abs=1e-4)
+    published = combined_reward(items, target, {"exact": 1.0, "ndcg_rule": 1.0})  # the default RL reward
+    assert published[1].tolist() == pytest.approx([1.0, -0.24630, -0.19519, -0.16813], abs=1e-4)
+    assert RlConfig().rewards == {"exact": 1.0, "ndcg_rule": 1.0}
 
 
 def test_combined_reward_weights_the_parts():

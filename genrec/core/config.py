@@ -217,10 +217,11 @@ class RlConfig(Frozen):
     group_size: int = Field(16, ge=2, le=256, description="candidates per user context (G)")
     budget: int | None = Field(None, ge=1, description="VED forwards per context (default: width-G beam search's)")
     temperature: float = Field(1.0, gt=0.0, le=10.0, description="temperature of sampled rollouts")
-    rewards: dict[Literal["exact", "ranking", "cosine"], float] = Field(
-        {"ranking": 1.0}, description="reward weights: 'exact' (1 for the target), 'ranking' (1 for the target, and "
-        "MiniOneRec's rank-aware penalty for wrong candidates above it), 'cosine' (item-vector similarity to the "
-        "target)")
+    rewards: dict[Literal["exact", "ndcg_rule", "ranking", "cosine"], float] = Field(
+        {"exact": 1.0, "ndcg_rule": 1.0}, description="reward weights: 'exact' (the rule reward: 1 for the target), "
+        "'ndcg_rule' (MiniOneRec's / V-STAR's rank-discounted penalty of every other candidate in a group that holds "
+        "the target; with 'exact', their published reward, the default), 'ranking' (our variant: 1 for the target "
+        "and a penalty for the wrong candidates above it only), 'cosine' (item-vector similarity to the target)")
     grpo_weight: float = Field(1.0, ge=0.0, description="weight of the group GRPO loss")
     sibling_weight: float = Field(1.0, ge=0.0, description="weight of the Sibling-GRPO loss")
     value_weight: float = Field(1.0, ge=0.0, description="weight of the value head's TD loss")
@@ -244,7 +245,7 @@ class RlConfig(Frozen):
     @model_validator(mode="after")
     def _check(self):
         if not any(self.rewards.values()):
-            raise ValueError("rl.rewards needs at least one non-zero weight, e.g. {ranking: 1.0}")
+            raise ValueError("rl.rewards needs at least one non-zero weight, e.g. {exact: 1.0, ndcg_rule: 1.0}")
         return self
 
 
