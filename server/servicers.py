@@ -103,6 +103,8 @@ def _versions() -> dict[str, str]:
 
 def info_response(engine: Engine, limits: LimitsConfig) -> info_pb2.InfoResponse:
     strategies = [recommend_pb2.DECODING_STRATEGY_BEAM] if engine.model is not None else []
+    if engine.value_head is not None:
+        strategies.append(recommend_pb2.DECODING_STRATEGY_VED)
     return info_pb2.InfoResponse(
         bundle_path=str(engine.path), bundle_id=engine.bundle_id, bundle_version=engine.version,
         manifest_json=json.dumps(json.loads(engine.manifest_bytes)), server_versions=_versions(),

@@ -120,7 +120,8 @@ def test_info_describes_the_bundle(shared_server, bundle, served_bundle):
     assert info.bundle_version == bundle.manifest["version"] and info.bundle_path == str(served_bundle)
     assert info.catalog_size == len(bundle.catalog) and info.embedding_dim == bundle.item_vectors.shape[1]
     assert info.max_history == 20 and info.max_k == 50 and info.has_recommender and not info.accepts_images
-    assert list(info.decoding_strategies) == [recommend_pb2.DECODING_STRATEGY_BEAM]
+    assert bundle.has("value.safetensors")  # VED is served with the bundle's value head
+    assert list(info.decoding_strategies) == [recommend_pb2.DECODING_STRATEGY_BEAM, recommend_pb2.DECODING_STRATEGY_VED]
     assert {"grpcio", "torch", "genrec", "protobuf"} <= set(info.server_versions)
     resp = shared_server.stubs.search.Search(search_pb2.SearchRequest(text="soap", k=1), timeout=30)
     assert resp.metadata.bundle_id == info.bundle_id and resp.metadata.bundle_version == info.bundle_version
