@@ -90,6 +90,7 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
     users = torch.arange(u, device=device)
     width = max(model.vocab_sizes)
     f = _Forest(u, budget, depth, width, device)
+    dead = trie.dead_prefixes(exclude) if exclude is not None else None  # (U, n_nodes)
     ctx = model.context(history)
 
     def forward(user: torch.Tensor, slot: torch.Tensor) -> None:
@@ -100,6 +101,11 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
             at = dep == level
             state = states[at, level]
             logits = model.level_logits(state, level, f.tnode[user[at], slot[at]])
+            if exclude is not None:  # as beam search: excluded items, and prefixes of only those, are never chosen
+                kids = trie.child[f.tnode[user[at], slot[at]], : logits.shape[1]]
+                blocked = exclude if level == depth - 1 else dead
+                banned = blocked[user[at]].gather(1, kids.clamp_min(0)) & (kids >= 0)
+                logits = logits.masked_fill(banned, float("-inf"))
             f.logits[user[at], slot[at], : logits.shape[1]] = logits
             f.value[user[at], slot[at]] = (value_head(state, f.logp[user[at], slot[at]]) if values is None
                                            else values(user[at], f.tnode[user[at], slot[at]], level))
@@ -152,6 +158,7 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
     # 2-5. Value-guided search: one expansion per user and round until every budget is spent.
     n_children = trie.child_ptr[1:] - trie.child_ptr[:-1]
     slots = torch.arange(budget, device=device)
+    blocked = torch.zeros(u, budget, dtype=torch.bool, device=device)  # nodes left with only excluded children
     while True:
         active = spent < budget
         if not active.any():
@@ -162,7 +169,7 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
                                      cfg.lam, cfg.beta, depth, trie.max_children)
         expanded = (f.child >= 0).sum(2)
         can_grow = ((f.tnode >= 0) & (f.depth < depth - 1) & (n_children[f.tnode.clamp_min(0)] > expanded)
-                    & (gate | (slots == 0) | (not cfg.gate)))  # the root is alone at its depth: it always passes
+                    & (gate | (slots == 0) | (not cfg.gate)) & ~blocked)  # the root is alone at its depth
         # Progressive widening: a node with children takes another only once visited enough (N >= children^2).
         may_widen = (expanded == 0) | (f.visits >= (expanded + 1) ** cfg.widen_power)
         cur = torch.zeros(u, dtype=torch.long, device=device)
@@ -189,6 +196,12 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
         valid = trie.valid(f.tnode[rows, parent], width)
         logp_child = masked_log_softmax(f.logits[rows, parent], valid)  # the policy: the score of the new prefix
         fresh = logp_child.masked_fill(f.child[rows, parent] >= 0, float("-inf"))  # draw among unexpanded codes
+        stuck = ~torch.isfinite(fresh.max(1).values)  # only excluded codes left: this node grows no more
+        if stuck.any():  # no forward spent; the next round picks another node
+            blocked[rows[stuck], parent[stuck]] = True
+            rows, parent, fresh, logp_child = rows[~stuck], parent[~stuck], fresh[~stuck], logp_child[~stuck]
+            if len(rows) == 0:
+                continue
         if cfg.temperature > 0:  # Gumbel-max: a sample from softmax(logp / temperature)
             noise = _gumbel(cfg.seed, f.tnode[rows, parent], (f.child[rows, parent] >= 0).sum(1), width)
             code = (fresh / cfg.temperature + noise).argmax(1)

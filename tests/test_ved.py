@@ -102,6 +102,23 @@ def test_ved_returns_distinct_valid_items_within_budget(setup, seed, batch, widt
             assert (res.scores[b][: len(items) - 1] >= res.scores[b][1: len(items)]).all()
 
 
+@pytest.mark.parametrize("excluded", [40, 120, 200])
+def test_exclusion_applies_inside_the_search(setup, excluded):
+    """The items beam search ranks first are excluded: VED still returns k allowed items at a width-k beam's budget
+    (before, it searched as if nothing were excluded and masked its final list, returning fewer than k)."""
+    model, head, trie, _ = setup
+    history = torch.tensor([[1, 2, 3], [9, 8, 7]])
+    best = beam_search(model, trie, history, excluded, excluded).items
+    exclude = torch.zeros(2, N_ITEMS, dtype=torch.bool)
+    exclude[torch.arange(2).repeat_interleave(excluded), best.reshape(-1)] = True
+    res = ved_decode(model, head, trie, history, 10, 10, None, VedConfig(), exclude)
+    beam = beam_search(model, trie, history, 10, 10, exclude)
+    for b in range(2):
+        items = res.items[b].tolist()
+        assert -1 not in items and len(set(items)) == 10 and not exclude[b, items].any(), items
+        assert -1 not in beam.items[b].tolist()  # beam search, at the same budget, manages it too
+
+
 def test_scores_are_exact_log_probabilities_and_budget_is_spent(setup):
     model, head, trie, sid = setup
     history = torch.tensor([[5, 6, 7], [8, 9, 10]])
