@@ -220,6 +220,13 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
     prefix_node = f.tnode.repeat_interleave(per, 1)
     items = torch.where(cand_code >= 0, trie.child[prefix_node.clamp_min(0), cand_code.clamp_min(0)], -1)
     value = f.value.repeat_interleave(per, 1)
+    if model.cfg.rescore:  # as beam search: the beam_width most probable items are proposed, then re-scored
+        proposed = torch.where(items >= 0, cand_logp, float("-inf"))
+        if exclude is not None:
+            proposed = proposed.masked_fill(exclude.gather(1, items.clamp_min(0)) & (items >= 0), float("-inf"))
+        cut = proposed.topk(min(max(k, beam_width), proposed.shape[1]), dim=1).values[:, -1:]
+        items = torch.where(proposed >= cut, items, -1)
+        cand_logp = cand_logp + model.cfg.rescore * model.item_scores(ctx, items)
     final = {"logp": cand_logp, "value": value, "mix": cand_logp + cfg.value_weight * value}[cfg.score]
     final = torch.where(items >= 0, final, float("-inf"))
     if exclude is not None:

@@ -153,3 +153,22 @@ def test_level_rewards_and_td_targets_by_hand():
     values = torch.tensor([[0.1, 0.2, 0.4, 0.8]])
     t = td_targets(values, r[:1], gamma=0.5)
     assert t[0].tolist() == pytest.approx([0 + 0.5 * 0.2, 0.3 + 0.5 * 0.4, 0.5 + 0.5 * 0.8, 1.0 + 0.5 * 0.0])
+
+
+def test_ved_ranks_with_the_recommenders_rescore_as_beam_search_does(setup):
+    """A model with rescore: a full initial beam (VED = beam search) still gives beam search's items and scores."""
+    model, head, trie, sid = setup
+    torch.manual_seed(2)
+    cfg = model.cfg.model_copy(update={"item_embedding": True, "rescore": 1.0})
+    rescored = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes),
+                           torch.as_tensor(PrefixTrie(sid.codes, sid.vocab_sizes).child)).eval()
+    missing, _ = rescored.load_state_dict(model.state_dict(), strict=False)
+    assert missing == ["item_emb.weight"]
+    with torch.no_grad():
+        rescored.item_emb.weight.mul_(3.0)  # item scores large enough to reorder the beam
+    history = torch.tensor([[1, 2, 3], [-1, 7, 9]])
+    for width in (3, 8):
+        ved = ved_decode(rescored, head, trie, history, width, width, cfg=VedConfig(init_depth=trie.depth - 1))
+        beam = beam_search(rescored, trie, history, width, width)
+        assert torch.equal(ved.items, beam.items)
+        torch.testing.assert_close(ved.scores, beam.scores)
