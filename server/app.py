@@ -131,7 +131,7 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
         RecommendServicer(slot, batchers["recommend"], batchers["recommend-heavy"], config), server)
     embed_pb2_grpc.add_EmbedServiceServicer_to_server(EmbedServicer(slot, batchers["embed"], limits), server)
     search_pb2_grpc.add_SearchServiceServicer_to_server(SearchServicer(slot, batchers["search"], limits), server)
-    info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(slot, limits), server)
+    info_pb2_grpc.add_InfoServiceServicer_to_server(InfoServicer(slot, config), server)
     info_pb2_grpc.add_AdminServiceServicer_to_server(AdminServicer(slot, config), server)
 
     health_servicer = health.HealthServicer(

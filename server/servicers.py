@@ -101,7 +101,8 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def info_response(engine: Engine, limits: LimitsConfig) -> info_pb2.InfoResponse:
+def info_response(engine: Engine, config: ServerConfig) -> info_pb2.InfoResponse:
+    limits = config.limits
     strategies = [recommend_pb2.DECODING_STRATEGY_BEAM] if engine.model is not None else []
     if engine.value_head is not None:
         strategies.append(recommend_pb2.DECODING_STRATEGY_VED)
@@ -111,15 +112,17 @@ def info_response(engine: Engine, limits: LimitsConfig) -> info_pb2.InfoResponse
         catalog_size=len(engine.catalog), embedding_dim=engine.dim, max_history=engine.max_history,
         max_k=min(limits.max_k, len(engine.catalog)), has_recommender=engine.model is not None,
         decoding_strategies=strategies, accepts_images=engine.embedder is not None and engine.embedder.accepts_images,
-        loaded_at=engine.loaded_at, instance=f"{socket.gethostname()}:{os.getpid()}")
+        loaded_at=engine.loaded_at, instance=f"{socket.gethostname()}:{os.getpid()}",
+        max_beam_width=limits.max_beam_width, max_ved_budget=limits.max_ved_budget,
+        max_history_items=limits.max_history_items, cheap_beam_width=config.cheap_beam_width)
 
 
 class InfoServicer(info_pb2_grpc.InfoServiceServicer):
-    def __init__(self, slot: EngineSlot, limits: LimitsConfig):
-        self.slot, self.limits = slot, limits
+    def __init__(self, slot: EngineSlot, config: ServerConfig):
+        self.slot, self.config = slot, config
 
     def GetInfo(self, request, context):
-        return info_response(self.slot.current, self.limits)
+        return info_response(self.slot.current, self.config)
 
 
 class AdminServicer(info_pb2_grpc.AdminServiceServicer):
@@ -127,7 +130,7 @@ class AdminServicer(info_pb2_grpc.AdminServiceServicer):
     explicit --allow-unauthenticated-reload), and loads only under the reload root."""
 
     def __init__(self, slot: EngineSlot, config: ServerConfig):
-        self.slot, self.limits = slot, config.limits
+        self.slot, self.config = slot, config
         self.allowed = config.auth_token is not None or config.allow_unauthenticated_reload
         self.root = config.reload_root or config.bundle.resolve().parent
 
@@ -138,4 +141,4 @@ class AdminServicer(info_pb2_grpc.AdminServiceServicer):
                 "send the token, or with --allow-unauthenticated-reload on a network you trust (SIGHUP to the "
                 "process reloads the served path)")
         path = validation.reload_path(request.bundle_path, self.root) if request.bundle_path else None
-        return info_response(self.slot.reload(path), self.limits)
+        return info_response(self.slot.reload(path), self.config)

@@ -19,6 +19,8 @@ from genrec.models.ved import ved_decode
 from genrec.server.app import SERVICE_NAMES
 from genrec.v1 import embed_pb2, info_pb2, recommend_pb2, search_pb2
 
+from serverfixtures import LIMITS
+
 pytest_plugins = ["serverfixtures"]
 
 
@@ -120,6 +122,8 @@ def test_info_describes_the_bundle(shared_server, bundle, served_bundle):
     assert info.bundle_version == bundle.manifest["version"] and info.bundle_path == str(served_bundle)
     assert info.catalog_size == len(bundle.catalog) and info.embedding_dim == bundle.item_vectors.shape[1]
     assert info.max_history == 20 and info.max_k == 50 and info.has_recommender and not info.accepts_images
+    assert (info.max_beam_width, info.max_ved_budget, info.max_history_items, info.cheap_beam_width) == (
+        LIMITS.max_beam_width, LIMITS.max_ved_budget, LIMITS.max_history_items, 32)
     assert bundle.has("value.safetensors")  # VED is served with the bundle's value head
     assert list(info.decoding_strategies) == [recommend_pb2.DECODING_STRATEGY_BEAM, recommend_pb2.DECODING_STRATEGY_VED]
     assert {"grpcio", "torch", "genrec", "protobuf"} <= set(info.server_versions)

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from genrec.v1 import recommend_pb2 as genrec_dot_v1_dot_recommend__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14genrec/v1/info.proto\x12\tgenrec.v1\x1a\x19genrec/v1/recommend.proto\"\x10\n\x0eGetInfoRequest\"\xc3\x03\n\x0cInfoResponse\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\x03\x12\x15\n\rmanifest_json\x18\x04 \x01(\t\x12\x44\n\x0fserver_versions\x18\x05 \x03(\x0b\x32+.genrec.v1.InfoResponse.ServerVersionsEntry\x12\x14\n\x0c\x63\x61talog_size\x18\x06 \x01(\x03\x12\x15\n\rembedding_dim\x18\x07 \x01(\r\x12\x13\n\x0bmax_history\x18\x08 \x01(\r\x12\r\n\x05max_k\x18\t \x01(\r\x12\x17\n\x0fhas_recommender\x18\n \x01(\x08\x12\x38\n\x13\x64\x65\x63oding_strategies\x18\x0b \x03(\x0e\x32\x1b.genrec.v1.DecodingStrategy\x12\x16\n\x0e\x61\x63\x63\x65pts_images\x18\x0c \x01(\x08\x12\x11\n\tloaded_at\x18\r \x01(\t\x12\x10\n\x08instance\x18\x0e \x01(\t\x1a\x35\n\x13ServerVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\rReloadRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t2L\n\x0bInfoService\x12=\n\x07GetInfo\x12\x19.genrec.v1.GetInfoRequest\x1a\x17.genrec.v1.InfoResponse2K\n\x0c\x41\x64minService\x12;\n\x06Reload\x12\x18.genrec.v1.ReloadRequest\x1a\x17.genrec.v1.InfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14genrec/v1/info.proto\x12\tgenrec.v1\x1a\x19genrec/v1/recommend.proto\"\x10\n\x0eGetInfoRequest\"\xa8\x04\n\x0cInfoResponse\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t\x12\x11\n\tbundle_id\x18\x02 \x01(\t\x12\x16\n\x0e\x62undle_version\x18\x03 \x01(\x03\x12\x15\n\rmanifest_json\x18\x04 \x01(\t\x12\x44\n\x0fserver_versions\x18\x05 \x03(\x0b\x32+.genrec.v1.InfoResponse.ServerVersionsEntry\x12\x14\n\x0c\x63\x61talog_size\x18\x06 \x01(\x03\x12\x15\n\rembedding_dim\x18\x07 \x01(\r\x12\x13\n\x0bmax_history\x18\x08 \x01(\r\x12\r\n\x05max_k\x18\t \x01(\r\x12\x17\n\x0fhas_recommender\x18\n \x01(\x08\x12\x38\n\x13\x64\x65\x63oding_strategies\x18\x0b \x03(\x0e\x32\x1b.genrec.v1.DecodingStrategy\x12\x16\n\x0e\x61\x63\x63\x65pts_images\x18\x0c \x01(\x08\x12\x11\n\tloaded_at\x18\r \x01(\t\x12\x10\n\x08instance\x18\x0e \x01(\t\x12\x16\n\x0emax_beam_width\x18\x0f \x01(\r\x12\x16\n\x0emax_ved_budget\x18\x10 \x01(\r\x12\x19\n\x11max_history_items\x18\x11 \x01(\r\x12\x18\n\x10\x63heap_beam_width\x18\x12 \x01(\r\x1a\x35\n\x13ServerVersionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"$\n\rReloadRequest\x12\x13\n\x0b\x62undle_path\x18\x01 \x01(\t2L\n\x0bInfoService\x12=\n\x07GetInfo\x12\x19.genrec.v1.GetInfoRequest\x1a\x17.genrec.v1.InfoResponse2K\n\x0c\x41\x64minService\x12;\n\x06Reload\x12\x18.genrec.v1.ReloadRequest\x1a\x17.genrec.v1.InfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,13 +37,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETINFOREQUEST']._serialized_start=62
   _globals['_GETINFOREQUEST']._serialized_end=78
   _globals['_INFORESPONSE']._serialized_start=81
-  _globals['_INFORESPONSE']._serialized_end=532
-  _globals['_INFORESPONSE_SERVERVERSIONSENTRY']._serialized_start=479
-  _globals['_INFORESPONSE_SERVERVERSIONSENTRY']._serialized_end=532
-  _globals['_RELOADREQUEST']._serialized_start=534
-  _globals['_RELOADREQUEST']._serialized_end=570
-  _globals['_INFOSERVICE']._serialized_start=572
-  _globals['_INFOSERVICE']._serialized_end=648
-  _globals['_ADMINSERVICE']._serialized_start=650
-  _globals['_ADMINSERVICE']._serialized_end=725
+  _globals['_INFORESPONSE']._serialized_end=633
+  _globals['_INFORESPONSE_SERVERVERSIONSENTRY']._serialized_start=580
+  _globals['_INFORESPONSE_SERVERVERSIONSENTRY']._serialized_end=633
+  _globals['_RELOADREQUEST']._serialized_start=635
+  _globals['_RELOADREQUEST']._serialized_end=671
+  _globals['_INFOSERVICE']._serialized_start=673
+  _globals['_INFOSERVICE']._serialized_end=749
+  _globals['_ADMINSERVICE']._serialized_start=751
+  _globals['_ADMINSERVICE']._serialized_end=826
 # @@protoc_insertion_point(module_scope)
