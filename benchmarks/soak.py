@@ -3,7 +3,7 @@
 Starts `python -m genrec.server` on a copy of the bundle (with a bearer token, so Admin Reload is on), then runs
 cheap clients (Recommend with the default beam, Search by text, Embed) for `--duration` seconds, one call at a time
 each. Meanwhile it publishes and reloads a new bundle version `--swaps` times (evenly spaced) and, once, sends
-`--storm` concurrent VED calls at the largest budget the server accepts. It samples the server's RSS every second.
+`--storm` concurrent VED calls at the largest budget the server accepts (Info's max_ved_budget). It samples the server's RSS every second.
 
 Pass/fail, printed and written as JSON:
   - 0 failed cheap calls;
@@ -121,7 +121,8 @@ def soak(bundle: Path, duration: float, clients: int, swaps: int, storm: int, wo
     storm_window = [None, None]
 
     def ved_storm():
-        ved = recommend_pb2.Decoding(strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=20, budget=4096)
+        ved = recommend_pb2.Decoding(strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=20,
+                                     budget=info.max_ved_budget)  # the largest the server accepts
         futures = [stubs.recommend.Recommend.future(recommend_pb2.RecommendRequest(
             history=catalog[i: i + 5], k=10, decoding=ved), timeout=120) for i in range(storm)]
         storm_window[0] = time.monotonic() - t0
@@ -191,7 +192,7 @@ def main() -> None:
     ap.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     ap.add_argument("--clients", type=int, default=8, help="cheap clients, one call at a time each")
     ap.add_argument("--swaps", type=int, default=3, help="hot swaps (new version + Admin Reload) during the run")
-    ap.add_argument("--storm", type=int, default=16, help="concurrent VED calls at budget 4096, sent once")
+    ap.add_argument("--storm", type=int, default=16, help="concurrent VED calls at the largest budget, sent once")
     ap.add_argument("--out", type=Path, default=Path("results/soak.json"))
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
