@@ -3,7 +3,8 @@
 Starts `python -m genrec.server` on a copy of the bundle (with a bearer token, so Admin Reload is on), then runs
 cheap clients (Recommend with the default beam, Search by text, Embed) for `--duration` seconds, one call at a time
 each. Meanwhile it publishes and reloads a new bundle version `--swaps` times (evenly spaced) and, once, sends
-`--storm` concurrent VED calls at the largest budget the server accepts (Info's max_ved_budget). It samples the server's RSS every second.
+`--storm` concurrent VED calls at the largest budget the server accepts (Info's max_ved_budget). It samples the
+server's RSS every second.
 
 Pass/fail, printed and written as JSON:
   - 0 failed cheap calls;
