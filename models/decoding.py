@@ -91,9 +91,10 @@ def beam_search(model: Recommender, trie: Trie, history: torch.Tensor, beam_widt
         w = node.shape[1]
         logits = model.level_logits(state, level, node.view(-1))  # (B*W, V)
         if exclude is not None:  # excluded items, and prefixes holding only excluded items, are never chosen
-            children = trie.child[node.clamp_min(0).view(-1), :v]
-            blocked = exclude if level == trie.depth - 1 else dead
-            banned = blocked.repeat_interleave(w, 0).gather(1, children.clamp_min(0)) & (children >= 0)
+            children = trie.child[node.clamp_min(0).view(-1), :v]  # (B*W, V)
+            blocked = exclude if level == trie.depth - 1 else dead  # (B, N) or (B, n_nodes)
+            # Each row's beams read its own mask: (B, W*V) lookups, never a (B*W, N) copy of the mask.
+            banned = blocked.gather(1, children.clamp_min(0).view(b, w * v)).view(b * w, v) & (children >= 0)
             logits = logits.masked_fill(banned, float("-inf"))
         # Each beam's best children first (the fused kernel), then the best of those across the row's beams.
         per_beam = min(beam_width, v)
