@@ -104,7 +104,8 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
             if exclude is not None:  # as beam search: excluded items, and prefixes of only those, are never chosen
                 kids = trie.child[f.tnode[user[at], slot[at]], : logits.shape[1]]
                 blocked = exclude if level == depth - 1 else dead
-                banned = blocked[user[at]].gather(1, kids.clamp_min(0)) & (kids >= 0)
+                flat = user[at, None] * blocked.shape[1] + kids.clamp_min(0)  # no (rows, N) copy of the mask
+                banned = blocked.reshape(-1)[flat] & (kids >= 0)
                 logits = logits.masked_fill(banned, float("-inf"))
             f.logits[user[at], slot[at], : logits.shape[1]] = logits
             f.value[user[at], slot[at]] = (value_head(state, f.logp[user[at], slot[at]]) if values is None
