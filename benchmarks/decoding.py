@@ -25,7 +25,7 @@ from genrec.core.bundle import Bundle
 from genrec.core.data import eval_split, load_dataset
 from genrec.core.metrics import ranking_metrics
 from genrec.evaluation import generate_topk, invalid_rate
-from genrec.models.loading import load_recommender, load_trie, load_value_head
+from genrec.models.loading import load_recommender, load_value_head
 from genrec.models.ved import beam_budget
 
 ABLATIONS = {"lam=0": {"lam": 0.0}, "beta=0.1": {"beta": 0.1}, "no gate": {"gate": False},
@@ -103,7 +103,7 @@ def main():
     bundle.check_catalog(ds)
     split = eval_split(ds, args.split)
     model, head = load_recommender(bundle), load_value_head(bundle)
-    trie = load_trie(bundle)
+    trie = model.trie
     ved_cfg = bundle.preset.ved
     n = args.users or len(split.targets)
     hist, targets = split.histories[:n], split.targets[:n]

@@ -18,7 +18,6 @@ import torch
 from genrec.core.atomic import write_json
 from genrec.kernels.constrained_topk import constrained_topk_torch, constrained_topk_triton
 from genrec.kernels.ved_scores import ved_scores_torch, ved_scores_triton
-from genrec.models.loading import prefix_trie
 from genrec.models.semantic_ids import PrefixTrie
 
 
@@ -42,7 +41,8 @@ def main():
     if args.bundle:
         from genrec.core.bundle import Bundle
 
-        trie = prefix_trie(Bundle.load(args.bundle))
+        b = Bundle.load(args.bundle)
+        trie = PrefixTrie(b.codes, b.vocab_sizes)
     else:
         rng = np.random.default_rng(0)
         codes = np.unique(rng.integers(0, 256, (12000, 3)), axis=0)

@@ -32,7 +32,7 @@ from genrec.core.bundle import Bundle
 from genrec.core.data import eval_split, load_dataset, train_pairs
 from genrec.core.metrics import ndcg_at, recall_at
 from genrec.models.decoding import beam_search
-from genrec.models.loading import load_recommender, load_trie
+from genrec.models.loading import load_recommender
 
 quiet = lambda *a, **k: None  # noqa: E731
 RL = {"rollout": "beam", "rewards": {"exact": 1.0}, "batch_size": 128, "lr": 1e-4, "eval_every": 25,
@@ -81,7 +81,8 @@ def holdout_run(bundle: Path, data: str, steps: int, valid_users: int | None, wo
 @torch.no_grad()
 def search_gap(bundle_path: Path, data: str, users: int) -> dict:
     bundle, ds = Bundle.load(bundle_path), load_dataset(data)
-    model, trie = load_recommender(bundle), load_trie(bundle)
+    model = load_recommender(bundle)
+    trie = model.trie
     codes = torch.as_tensor(bundle.codes).long()
     split = eval_split(ds, "test", model.cfg.max_history)
     pick = np.sort(np.random.default_rng(0).permutation(len(split.targets))[:users])

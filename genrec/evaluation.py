@@ -22,8 +22,7 @@ from genrec.core.data import Dataset, Split, eval_split, load_dataset, popularit
 from genrec.core.metrics import hit_ranks, metrics_from_ranks, ranking_metrics
 from genrec.models.decoding import Trie, beam_search
 from genrec.models.embedder import Embedder
-from genrec.models.loading import (SASREC_FILE, load_recommender, load_sasrec, load_trie, load_value_head,
-                                   prefix_trie)
+from genrec.models.loading import SASREC_FILE, load_recommender, load_sasrec, load_value_head
 from genrec.models.recommender import Recommender
 from genrec.models.sasrec import SASRec
 from genrec.models.value import ValueHead
@@ -53,7 +52,7 @@ def generate_topk(model: Recommender, trie: Trie, histories: np.ndarray, k: int,
     for s in range(0, len(histories), batch_size):
         h = torch.as_tensor(histories[s: s + batch_size])
         h = h[:, -max(1, int((h >= 0).sum(1).max())):]  # drop columns that are padding for the whole batch
-        exclude = seen_mask(seen, slice(s, s + batch_size), len(model.item_codes))
+        exclude = None if seen is None else trie.exclusion(seen[s: s + batch_size])
         if decoding == "ved":
             rec = ved_decode(model, value_head, trie, h, k, beam_width, budget, ved, exclude)
             forwards.append(rec.forwards.numpy())
@@ -143,8 +142,8 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
     if split_name == "valid" and fit_of(bundle, "sft") == "test":
         raise ValueError(f"{bundle.path}: the recommender was fitted with the validation items (`--fit test`), so "
                          "the validation split would be scored on its own training data: evaluate --split test")
-    prefix = prefix_trie(bundle)
-    model, trie = load_recommender(bundle, prefix=prefix), load_trie(bundle, prefix=prefix)
+    model = load_recommender(bundle)
+    trie = model.trie
     if rescore is not None:
         model.cfg = model.cfg.model_validate({**model.cfg.model_dump(), "rescore": rescore})
     split = eval_split(ds, split_name, model.cfg.max_history)

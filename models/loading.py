@@ -17,23 +17,18 @@ from genrec.models.value import ValueHead
 SASREC_FILE = "baselines/sasrec.safetensors"
 
 
-def prefix_trie(bundle: Bundle) -> PrefixTrie:
-    """The prefix trie of the bundle's semantic IDs."""
-    return PrefixTrie(bundle.codes, bundle.vocab_sizes)
+def load_trie(bundle: Bundle, device: str = "cpu") -> Trie:
+    """The prefix trie of the bundle's semantic IDs, as tensors on `device`."""
+    return Trie.from_prefix_trie(PrefixTrie(bundle.codes, bundle.vocab_sizes), device)
 
 
-def load_trie(bundle: Bundle, device: str = "cpu", prefix: PrefixTrie | None = None) -> Trie:
-    """The trie as tensors on `device`, for decoding (pass `prefix` to reuse one already built)."""
-    return Trie.from_prefix_trie(prefix or prefix_trie(bundle), device)
-
-
-def load_recommender(bundle: Bundle, device: str = "cpu", prefix: PrefixTrie | None = None) -> Recommender:
+def load_recommender(bundle: Bundle, device: str = "cpu", trie: Trie | None = None) -> Recommender:
+    """The recommender, holding the trie (`model.trie`, the one copy decoders read; pass `trie` to share one)."""
     if not bundle.has("recommender.safetensors"):
         raise BundleError(f"{bundle.path} has no recommender yet: run "
                           f"`genrec train sft --bundle {bundle.path} --data DATASET`")
-    prefix = prefix or prefix_trie(bundle)
     return Recommender.load(bundle.path / "recommender.safetensors", torch.as_tensor(bundle.codes),
-                            torch.as_tensor(prefix.child), device)
+                            trie if trie is not None else load_trie(bundle, device), device)
 
 
 def load_value_head(bundle: Bundle, device: str = "cpu") -> ValueHead:

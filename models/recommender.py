@@ -25,13 +25,14 @@ from safetensors.torch import load_file, save_file
 from genrec.core.atomic import atomic_path
 from genrec.core.config import RecommenderConfig
 from genrec.kernels.constrained_topk import csr_entries
+from genrec.models.trie import Trie
 from genrec.models.layers import (Block, KVCache, causal_padding_mask, init_small, positions_from_newest,
                                  positions_left_padded, sampled_softmax_loss)
 
 
 class Recommender(nn.Module):
     def __init__(self, cfg: RecommenderConfig, vocab_sizes: tuple[int, ...], item_codes: torch.Tensor,
-                 trie_child: torch.Tensor | None = None):
+                 trie: Trie | None = None):
         super().__init__()
         self.cfg, self.vocab_sizes = cfg, tuple(int(v) for v in vocab_sizes)
         self.depth = len(self.vocab_sizes)
@@ -40,20 +41,15 @@ class Recommender(nn.Module):
         offsets = torch.tensor([0, *self.vocab_sizes[:-1]]).cumsum(0)
         self.register_buffer("code_offset", offsets, persistent=False)  # (D,)
         self.register_buffer("item_codes", item_codes.long() + offsets, persistent=False)  # (N, D) flat code ids
-        self.register_buffer("trie_child", trie_child, persistent=False)  # (n_nodes, V) or None
+        # The trie (a module of buffers: it moves with the model) is the one decoders read too: one copy.
+        self.trie = trie
         self.node_out = None
         if cfg.node_embedding:
-            assert trie_child is not None, "node_embedding: build the model with the trie's child table"
-            n_nodes = len(trie_child)
-            rows, codes = (trie_child >= 0).nonzero(as_tuple=True)  # CSR, grouped by node, codes ascending
-            self.register_buffer("child_ptr", torch.cat([torch.zeros(1, dtype=torch.long),
-                                                         (trie_child >= 0).sum(1).cumsum(0)]), persistent=False)
-            self.register_buffer("child_code", codes, persistent=False)
-            self.register_buffer("child_target", trie_child[rows, codes], persistent=False)
-            self.n_nodes = n_nodes
+            assert trie is not None, "node_embedding: build the model with the trie"
+            self.n_nodes = trie.n_nodes
             # One output vector per trie node below the root, then one per item (the leaves), unless the items share
             # their input embeddings (tie_item_vectors).
-            self.node_out = nn.Embedding(n_nodes + (0 if cfg.tie_item_vectors else len(item_codes)), d)
+            self.node_out = nn.Embedding(trie.n_nodes + (0 if cfg.tie_item_vectors else len(item_codes)), d)
         self.code_emb = nn.Embedding(sum(self.vocab_sizes), d)
         self.item_emb = nn.Embedding(len(item_codes), d) if cfg.item_embedding else None
         self.item_pos = nn.Embedding(cfg.max_history, d)
@@ -115,8 +111,8 @@ class Recommender(nn.Module):
     def _child_terms(self, hidden: torch.Tensor, level: int, node: torch.Tensor, width: int) -> torch.Tensor:
         """(R, width) with hidden . node_out[child] at each valid child code of each row's node, 0 elsewhere (and on
         rows whose node is -1, a pruned beam). Walks the CSR lists: the cost is the number of valid children."""
-        row, entry = csr_entries(node, self.child_ptr)
-        target = self.child_target[entry]
+        row, entry = csr_entries(node, self.trie.child_ptr)
+        target = self.trie.child_target[entry]
         if level < self.depth - 1:
             vectors = self.node_out(target)
         elif self.cfg.tie_item_vectors:
@@ -124,7 +120,7 @@ class Recommender(nn.Module):
         else:
             vectors = self.node_out(target + self.n_nodes)
         terms = (hidden[row] * vectors).sum(-1)
-        return hidden.new_zeros(len(node), width).index_put((row, self.child_code[entry]), terms)
+        return hidden.new_zeros(len(node), width).index_put((row, self.trie.child_code[entry]), terms)
 
     def decode_all(self, ctx: torch.Tensor, prefix: torch.Tensor) -> torch.Tensor:
         """Uncached: ctx (B, d), prefix (B, l) -> decoder states (B, l + 1, d); state j predicts code j."""
@@ -158,12 +154,12 @@ class Recommender(nn.Module):
         log-probability of each code given its prefix (R, D) (a level's softmax is over the prefix's valid children),
         the decoder state of each prefix (R, D, d) (position l: the first l codes), and with_entropy, the entropy of
         each level's constrained distribution (R, D)."""
-        assert self.trie_child is not None, "path_log_probs: build the model with the trie's child table"
+        assert self.trie is not None, "path_log_probs: build the model with the trie"
         states = self.decode_all(ctx, codes[:, :-1])
         node = torch.zeros(len(codes), dtype=torch.long, device=codes.device)  # trie root
         logps, entropies = [], []
         for lv in range(self.depth):
-            children = self.trie_child[node, : self.vocab_sizes[lv]]
+            children = self.trie.child_table(node, self.vocab_sizes[lv])
             logits = self.level_logits(states[:, lv], lv, node).masked_fill(children < 0, float("-inf"))
             logp = logits.log_softmax(-1)
             logps.append(logp.gather(1, codes[:, lv: lv + 1])[:, 0])
@@ -203,13 +199,13 @@ class Recommender(nn.Module):
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp), meta)
 
     @classmethod
-    def load(cls, path: Path, item_codes: torch.Tensor, trie_child: torch.Tensor | None = None,
+    def load(cls, path: Path, item_codes: torch.Tensor, trie: Trie | None = None,
              device: str = "cpu") -> "Recommender":
         path = Path(path)
         with safe_open(str(path), "pt") as f:
             meta = json.loads(f.metadata()["genrec"])
         # A model saved before the positions option counted history positions from the oldest item.
         cfg = RecommenderConfig(**{"positions": "oldest", **meta["config"]})
-        model = cls(cfg, tuple(meta["vocab_sizes"]), item_codes, trie_child)
+        model = cls(cfg, tuple(meta["vocab_sizes"]), item_codes, trie)
         model.load_state_dict(load_file(str(path), device=device))
         return model.to(device).eval()

@@ -92,37 +92,46 @@ def build_semantic_ids(vectors: np.ndarray, cfg: SemanticIdConfig, verbose: bool
 
 
 class PrefixTrie:
-    """All SID tuples as a trie. Node 0 is the root; a node at depth d < D has children keyed by code.
+    """All SID tuples as a trie, held as CSR arrays only (no dense node x code table: that is 2 GB at a million
+    items). Node 0 is the root; a node at depth d < D has children keyed by code; the children of the last inner
+    level are the item rows themselves.
 
-    Two views of the same tree:
-      - dense `child[node, code]` -> child node id (or item row at the last level), -1 where the code is invalid;
-      - CSR `child_ptr[node] : child_ptr[node + 1]` into `child_code` (sorted), for kernels that walk valid children.
+    Node n's valid codes are `child_code[child_ptr[n]:child_ptr[n + 1]]` (ascending), their targets `child_target[...]`.
+    CSR order is node-major with ascending codes, so the edge keys node * vocab + code are sorted: a binary search
+    finds any child (`child`).
     """
 
     def __init__(self, codes: np.ndarray, vocab_sizes: tuple[int, ...]):
         n, depth = codes.shape
         self.depth, self.vocab, self.n_items = depth, max(vocab_sizes), n
         node_of = np.zeros(n, dtype=np.int64)  # each item's prefix node at the current depth (the root first)
-        next_id, edges, node_depth = 1, [], [0]
+        next_id, edges, node_depth = 1, [], [np.zeros(1, dtype=np.int64)]
         for d in range(depth):
             if d < depth - 1:  # internal nodes: one per distinct prefix of length d + 1
                 _, first, inv = np.unique(codes[:, : d + 1], axis=0, return_index=True, return_inverse=True)
-                inv = inv.reshape(-1)
                 edges.append((node_of[first], codes[first, d], next_id + np.arange(len(first))))
-                node_of = next_id + inv
+                node_of = next_id + inv.reshape(-1)
                 next_id += len(first)
-                node_depth += [d + 1] * len(first)
+                node_depth.append(np.full(len(first), d + 1, dtype=np.int64))
             else:  # leaves: the item rows themselves
                 edges.append((node_of, codes[:, d], np.arange(n)))
         self.n_nodes = next_id
-        self.node_depth = np.array(node_depth, dtype=np.int64)
-        self.child = np.full((next_id, self.vocab), -1, dtype=np.int64)
-        for parent, code, target in edges:
-            self.child[parent, code] = target
-        if (self.child[edges[-1][0], edges[-1][1]] != edges[-1][2]).any():
+        self.node_depth = np.concatenate(node_depth)
+        parent, code, target = (np.concatenate(e).astype(np.int64) for e in zip(*edges))
+        key = parent * self.vocab + code
+        order = np.argsort(key, kind="stable")
+        self.child_key = key[order]
+        if (np.diff(self.child_key) == 0).any():
             raise ValueError("two items share one semantic ID: the item <-> SID map is not a bijection")
-        valid = self.child >= 0
-        self.child_ptr = np.r_[0, np.cumsum(valid.sum(1))].astype(np.int64)
-        rows, cols = np.nonzero(valid)  # row-major: grouped by node, codes ascending
-        self.child_code = cols.astype(np.int64)
-        self.child_target = self.child[rows, cols]
+        self.child_ptr = np.r_[0, np.cumsum(np.bincount(parent, minlength=self.n_nodes))].astype(np.int64)
+        self.child_code = code[order]
+        self.child_target = target[order]
+
+    def child(self, node, code) -> np.ndarray:
+        """The child of `node` under `code` (broadcast): a node id, or the item row below the last inner level;
+        -1 where the code is not a valid child (or node is -1)."""
+        node, code = np.broadcast_arrays(np.asarray(node, dtype=np.int64), np.asarray(code, dtype=np.int64))
+        key = node * self.vocab + code
+        at = np.minimum(np.searchsorted(self.child_key, key), len(self.child_key) - 1)
+        hit = (self.child_key[at] == key) & (node >= 0) & (code >= 0) & (code < self.vocab)
+        return np.where(hit, self.child_target[at], -1)

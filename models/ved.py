@@ -28,7 +28,7 @@ import torch
 
 from genrec.core.config import VedConfig
 from genrec.kernels import masked_log_softmax, ved_scores
-from genrec.models.decoding import Recommendations, Trie
+from genrec.models.decoding import Exclusion, Recommendations, Trie
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead
 
@@ -78,7 +78,7 @@ class SearchStopped(Exception):
 @torch.no_grad()
 def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: torch.Tensor, k: int,
                beam_width: int, budget: int | None = None, cfg: VedConfig = VedConfig(),
-               exclude: torch.Tensor | None = None, values=None, should_stop=None) -> VedResult:
+               exclude: Exclusion | None = None, values=None, should_stop=None) -> VedResult:
     """history (U, T) catalog rows, -1 left padding -> the top-k items per user found within `budget` forwards.
     values: optional values(user, trie_node, depth) -> V that replaces the value head (benchmarks/decoding.py runs
     VED with an oracle value this way, to tell the search apart from the value estimate). should_stop: optional
@@ -90,7 +90,6 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
     users = torch.arange(u, device=device)
     width = max(model.vocab_sizes)
     f = _Forest(u, budget, depth, width, device)
-    dead = trie.dead_prefixes(exclude) if exclude is not None else None  # (U, n_nodes)
     ctx = model.context(history)
 
     def forward(user: torch.Tensor, slot: torch.Tensor) -> None:
@@ -102,10 +101,8 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
             state = states[at, level]
             logits = model.level_logits(state, level, f.tnode[user[at], slot[at]])
             if exclude is not None:  # as beam search: excluded items, and prefixes of only those, are never chosen
-                kids = trie.child[f.tnode[user[at], slot[at]], : logits.shape[1]]
-                blocked = exclude if level == depth - 1 else dead
-                flat = user[at, None] * blocked.shape[1] + kids.clamp_min(0)  # no (rows, N) copy of the mask
-                banned = blocked.reshape(-1)[flat] & (kids >= 0)
+                kids = trie.child_table(f.tnode[user[at], slot[at]], logits.shape[1])
+                banned = exclude.blocks(user[at, None], kids, items=level == depth - 1)
                 logits = logits.masked_fill(banned, float("-inf"))
             f.logits[user[at], slot[at], : logits.shape[1]] = logits
             f.value[user[at], slot[at]] = (value_head(state, f.logp[user[at], slot[at]]) if values is None
@@ -115,7 +112,7 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
         """New slots for child `code` of `parent`, one per row; returns their slots."""
         slot = f.used[user].clone()
         f.used[user] += 1
-        f.tnode[user, slot] = trie.child[f.tnode[user, parent], code]
+        f.tnode[user, slot] = trie.child(f.tnode[user, parent], code)
         d = f.depth[user, parent] + 1
         f.depth[user, slot] = d
         f.prefix[user, slot] = f.prefix[user, parent]
@@ -219,19 +216,19 @@ def ved_decode(model: Recommender, value_head: ValueHead, trie: Trie, history: t
                                      f.logp.view(-1), per)
     cand_logp, cand_code = cand_logp.reshape(u, budget * per), cand_code.reshape(u, budget * per)
     prefix_node = f.tnode.repeat_interleave(per, 1)
-    items = torch.where(cand_code >= 0, trie.child[prefix_node.clamp_min(0), cand_code.clamp_min(0)], -1)
+    items = trie.child(prefix_node, cand_code)  # -1 where no candidate
     value = f.value.repeat_interleave(per, 1)
     if model.cfg.rescore:  # as beam search: the beam_width most probable items are proposed, then re-scored
         proposed = torch.where(items >= 0, cand_logp, float("-inf"))
         if exclude is not None:
-            proposed = proposed.masked_fill(exclude.gather(1, items.clamp_min(0)) & (items >= 0), float("-inf"))
+            proposed = proposed.masked_fill(exclude.blocks(users[:, None], items, items=True), float("-inf"))
         cut = proposed.topk(min(max(k, beam_width), proposed.shape[1]), dim=1).values[:, -1:]
         items = torch.where(proposed >= cut, items, -1)
         cand_logp = cand_logp + model.cfg.rescore * model.item_scores(ctx, items)
     final = {"logp": cand_logp, "value": value, "mix": cand_logp + cfg.value_weight * value}[cfg.score]
     final = torch.where(items >= 0, final, float("-inf"))
     if exclude is not None:
-        final = final.masked_fill(exclude.gather(1, items.clamp_min(0)) & (items >= 0), float("-inf"))
+        final = final.masked_fill(exclude.blocks(users[:, None], items, items=True), float("-inf"))
     top, at = final.topk(min(k, final.shape[1]), dim=1)
     out_items = torch.where(torch.isfinite(top), items.gather(1, at), -1)
     out_scores = torch.where(torch.isfinite(top), cand_logp.gather(1, at) if cfg.score == "logp" else top,

@@ -21,7 +21,7 @@ from genrec.core.bundle import Bundle, BundleError
 from genrec.core.config import EmbedderConfig
 from genrec.models.decoding import beam_search
 from genrec.models.embedder import Embedder, EmbedInput, PromptTokenizer
-from genrec.models.loading import load_recommender, load_search_index, load_trie, load_value_head, prefix_trie
+from genrec.models.loading import load_recommender, load_search_index, load_value_head
 from genrec.models.onnx_embedder import ONNX_FILE
 from genrec.models.ved import SearchStopped, beam_budget, ved_decode
 from genrec.server.batching import batch_alive, grouped
@@ -148,8 +148,8 @@ class Engine:
                               f"{self.dim}-d; rebuild the bundle with its embedder")
         self.model = self.trie = None
         if bundle.has("recommender.safetensors"):
-            prefix = prefix_trie(bundle)
-            self.model, self.trie = load_recommender(bundle, device, prefix), load_trie(bundle, device, prefix)
+            self.model = load_recommender(bundle, device)
+            self.trie = self.model.trie
         has_value = self.model is not None and bundle.has("value.safetensors")
         self.value_head = load_value_head(bundle, device) if has_value else None
         self.ved_config = bundle.preset.ved
@@ -220,14 +220,9 @@ class Engine:
             history = torch.full((len(group), t), -1, dtype=torch.long)  # (B, T) left padding
             for r, q in enumerate(group):
                 history[r, t - len(q.history):] = torch.as_tensor(q.history)
-            exclude = None
-            if any(q.exclude_seen for q in group):
-                exclude = torch.zeros(len(group), len(self.catalog), dtype=torch.bool)  # (B, N)
-                for r, q in enumerate(group):
-                    if q.exclude_seen:
-                        exclude[r, torch.as_tensor(q.seen)] = True
-                exclude = exclude.to(self.device)
-            # Built on the CPU and moved once: one copy per batch instead of one per request.
+            # Each request's seen items, held sparsely: O(seen) per request, whatever the catalog's size.
+            exclude = (self.trie.exclusion([q.seen if q.exclude_seen else None for q in group])
+                       if any(q.exclude_seen for q in group) else None)
             first, k = group[0], max(q.k for q in group)
             if first.strategy == "ved":  # VED's top-k do not depend on k beyond truncation either
                 alive = batch_alive()

@@ -25,11 +25,11 @@ def setup(request):
     nodes = request.param == "node-heads"
     cfg = RecommenderConfig(d_model=32, n_heads=2, n_layers=2, n_code_layers=2, dropout=0.0,
                             constrained_loss=nodes, node_embedding=nodes)
-    model = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), torch.as_tensor(trie.child)).eval()
+    model = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), Trie.from_prefix_trie(trie)).eval()
     with torch.no_grad():  # larger weights give peaked, distinctive distributions
         for p in model.parameters():
             p.mul_(8.0)
-    return model, sid, Trie.from_prefix_trie(trie)
+    return model, sid, model.trie
 
 
 def exact_item_logprobs(model, sid, trie, history):
@@ -42,11 +42,11 @@ def exact_item_logprobs(model, sid, trie, history):
             states = model.decode_all(ctx[None], codes[None, :-1])[0]
             node, total = 0, 0.0
             for lv in range(len(codes)):
-                valid = trie.child[node, : sid.vocab_sizes[lv]] >= 0
+                valid = trie.child(torch.tensor(node), torch.arange(sid.vocab_sizes[lv])) >= 0
                 logits = model.level_logits(states[lv][None], lv, torch.tensor([node]))[0]
                 logp = masked_log_softmax(logits, valid)
                 total += float(logp[codes[lv]])
-                node = int(trie.child[node, codes[lv]])
+                node = int(trie.child(torch.tensor(node), codes[lv]))
             out[item] = total
     return out
 
@@ -110,7 +110,7 @@ def test_beam_search_returns_only_distinct_valid_items(setup, seed, beam, batch,
         exclude = torch.zeros(batch, N_ITEMS, dtype=torch.bool)
         for b in range(batch):
             exclude[b, history[b][history[b] >= 0]] = True
-    rec = beam_search(model, trie, history, beam, k, exclude=exclude)
+    rec = beam_search(model, trie, history, beam, k, exclude=trie.exclusion(history) if exclude_seen else None)
     assert rec.items.shape == (batch, k)
     for b in range(batch):
         items = rec.items[b].tolist()
@@ -127,10 +127,10 @@ def test_constrained_loss_is_the_decoders_item_log_probability(setup, tmp_path):
     # (counted from the newest, each state of a window is positioned from the window's end, as SASRec trains).
     cfg = model.cfg.model_copy(update={"constrained_loss": True, "positions": "oldest"})
     oldest = Recommender(cfg.model_copy(update={"constrained_loss": model.cfg.constrained_loss}), sid.vocab_sizes,
-                         torch.as_tensor(sid.codes), trie.child).eval()
+                         torch.as_tensor(sid.codes), trie).eval()
     oldest.load_state_dict(model.state_dict())
     model = oldest
-    constrained = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), trie.child).eval()
+    constrained = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), trie).eval()
     plain = Recommender(cfg.model_copy(update={"constrained_loss": False, "node_embedding": False}),
                         sid.vocab_sizes, torch.as_tensor(sid.codes)).eval()
     constrained.load_state_dict(model.state_dict())
@@ -146,7 +146,7 @@ def test_constrained_loss_is_the_decoders_item_log_probability(setup, tmp_path):
     if not cfg.node_embedding:  # renormalising over valid children can only raise each probability
         assert loss.item() < plain_loss.item()
     constrained.save(tmp_path / "m.safetensors")
-    loaded = Recommender.load(tmp_path / "m.safetensors", torch.as_tensor(sid.codes), trie.child)
+    loaded = Recommender.load(tmp_path / "m.safetensors", torch.as_tensor(sid.codes), trie)
     assert loaded.cfg.constrained_loss and torch.equal(loaded.code_emb.weight, constrained.code_emb.weight)
     with torch.no_grad():
         assert loaded(torch.tensor([[5, 9, 123]]))["loss"].item() == pytest.approx(loss.item(), abs=1e-5)
@@ -157,7 +157,7 @@ def test_newest_positions_train_the_last_pair_as_inference_sees_it(setup):
     model, sid, trie = setup
     assert model.cfg.positions == "newest"
     constrained = Recommender(model.cfg.model_copy(update={"constrained_loss": True}), sid.vocab_sizes,
-                              torch.as_tensor(sid.codes), trie.child).eval()
+                              torch.as_tensor(sid.codes), trie).eval()
     constrained.load_state_dict(model.state_dict())
     with torch.no_grad():
         loss = constrained(torch.tensor([[-1, 5, 17, 9]]))["loss"]
@@ -173,7 +173,7 @@ def item_model(setup):
     model, sid, trie = setup
     cfg = model.cfg.model_copy(update={"item_embedding": True, "item_loss": 1.0, "item_negatives": 64})
     torch.manual_seed(1)
-    with_items = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), trie.child).eval()
+    with_items = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), trie).eval()
     with_items.load_state_dict(model.state_dict(), strict=False)
     with torch.no_grad():
         with_items.item_emb.weight.mul_(40.0)  # item scores of the same order as the path log-probabilities
@@ -186,7 +186,7 @@ def test_rescoring_reranks_the_beams_items_by_path_plus_item_score(setup, item_m
     history = torch.tensor([[-1, 3, 17, 42], [5, 6, 7, 8]])
     plain = beam_search(item_model, trie, history, 12, 12)
     rescored_model = Recommender(item_model.cfg.model_copy(update={"rescore": weight}), sid.vocab_sizes,
-                                 torch.as_tensor(sid.codes), trie.child).eval()
+                                 torch.as_tensor(sid.codes), trie).eval()
     rescored_model.load_state_dict(item_model.state_dict())
     rec = beam_search(rescored_model, trie, history, 12, 5)
     with torch.no_grad():
@@ -205,7 +205,7 @@ def test_item_loss_is_sampled_softmax_over_the_item_vectors(setup, item_model):
     _, sid, trie = setup
     window = torch.tensor([[-1, 5, 17, 9], [3, 4, 5, 6]])
     plain = Recommender(item_model.cfg.model_copy(update={"item_loss": 0.0}), sid.vocab_sizes,
-                        torch.as_tensor(sid.codes), trie.child).eval()
+                        torch.as_tensor(sid.codes), trie).eval()
     plain.load_state_dict(item_model.state_dict())
     torch.manual_seed(7)
     with torch.no_grad():
@@ -234,7 +234,8 @@ def test_a_narrow_beam_never_walks_into_excluded_items(setup):
     exclude = torch.zeros(1, N_ITEMS, dtype=torch.bool)
     exclude[0, first] = True
     exclude[0, torch.as_tensor(sid.codes[:, 0] == sid.codes[first, 0])] = True  # its whole first-level branch
-    got = beam_search(model, trie, history, 1, 1, exclude).items[0, 0].item()
+    seen = trie.exclusion(exclude.nonzero()[:, 1].view(1, -1))
+    got = beam_search(model, trie, history, 1, 1, seen).items[0, 0].item()
     assert got >= 0 and not exclude[0, got] and sid.codes[got, 0] != sid.codes[first, 0]
 
 
@@ -270,15 +271,13 @@ prefix = PrefixTrie(codes, (256, 256, 256))
 trie = Trie.from_prefix_trie(prefix)
 cfg = RecommenderConfig(d_model=16, n_heads=2, n_layers=1, n_code_layers=1, dropout=0.0, constrained_loss=True,
                         node_embedding=True)
-model = Recommender(cfg, (256, 256, 256), torch.as_tensor(codes), torch.as_tensor(prefix.child)).eval()
+model = Recommender(cfg, (256, 256, 256), torch.as_tensor(codes), trie).eval()
 history = torch.as_tensor(rng.integers(0, len(codes), (b, 20)))
-exclude = torch.zeros(b, len(codes), dtype=torch.bool)
-exclude[torch.arange(b).repeat_interleave(20), history.view(-1)] = True
-beam_search(model, trie, history, 8, 8, exclude)  # warm: allocator pools, lazy init
+beam_search(model, trie, history, 8, 8, trie.exclusion(history))  # warm: allocator pools, lazy init
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-out = beam_search(model, trie, history, w, w, exclude)
+out = beam_search(model, trie, history, w, w, trie.exclusion(history))
 grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-assert not exclude.gather(1, out.items.clamp_min(0)).any()
+assert (out.items >= 0).all() and not (out.items[:, :, None] == history[:, None, :]).any()
 print(f"{grown:.0f}")
 """
 
@@ -293,3 +292,40 @@ def test_beam_search_exclusion_memory_does_not_grow_with_the_beam():
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert out.returncode == 0, out.stderr[-2000:]
     assert float(out.stdout.strip()) < 60, f"peak RSS grew by {out.stdout.strip()} MB"
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 10_000), batch=st.integers(1, 5), seen=st.integers(0, 60))
+def test_sparse_exclusion_equals_the_dense_masks(setup, seed, batch, seen):
+    """Trie.exclusion against dense references: the (B, N) mask of seen items and, per row, the prefixes all of whose
+    items are seen (whole branches are seen on purpose, so some prefixes die)."""
+    _, sid, trie = setup
+    rng = np.random.default_rng(seed)
+    rows = [rng.choice(N_ITEMS, int(rng.integers(0, seen + 1)), replace=True) for _ in range(batch)]
+    rows[0] = np.r_[rows[0], np.flatnonzero(sid.codes[:, 0] == sid.codes[int(rng.integers(N_ITEMS)), 0])]
+    exclusion = trie.exclusion([r.tolist() for r in rows])
+    mask = torch.zeros(batch, N_ITEMS, dtype=torch.bool)
+    for b, r in enumerate(rows):
+        mask[b, torch.as_tensor(r, dtype=torch.long)] = True
+    items = torch.arange(-1, N_ITEMS).expand(batch, -1)
+    want = torch.cat([torch.zeros(batch, 1, dtype=torch.bool), mask], 1)
+    assert torch.equal(exclusion.blocks(torch.arange(batch)[:, None], items, items=True), want)
+    under = [[] for _ in range(trie.n_nodes)]  # the items below each node, from the codes alone
+    for item, codes in enumerate(sid.codes.tolist()):
+        node = 0
+        for code in codes[:-1]:
+            node = int(trie.child(torch.tensor(node), torch.tensor(code)))
+            under[node].append(item)
+    nodes = torch.arange(-1, trie.n_nodes).expand(batch, -1)
+    dead = torch.tensor([[False] + [bool(under[n]) and bool(mask[b, under[n]].all()) for n in range(trie.n_nodes)]
+                         for b in range(batch)])
+    assert torch.equal(exclusion.blocks(torch.arange(batch)[:, None], nodes, items=False), dead)
+    assert dead[0].any()  # the whole branch seen by row 0 is dead
+
+
+def test_child_table_and_child_agree(setup):
+    _, sid, trie = setup
+    node = torch.arange(-1, trie.n_nodes)
+    table = trie.child_table(node, trie.vocab)
+    assert torch.equal(table, trie.child(node[:, None], torch.arange(trie.vocab)[None]))
+    assert int((table >= 0).sum()) == trie.n_nodes - 1 + N_ITEMS  # one edge into every node but the root, and each leaf

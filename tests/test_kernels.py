@@ -59,7 +59,7 @@ def test_constrained_topk_reference_is_the_masked_log_softmax(odd_trie):
     base = torch.zeros(len(node))
     values, codes = constrained_topk_torch(logits, node, *csr(odd_trie), base, 7)
     for r, n in enumerate(node.tolist()):
-        kids = [] if n < 0 else [c for c in range(7) if odd_trie.child[n, c] >= 0]
+        kids = [] if n < 0 else [c for c in range(7) if odd_trie.child(n, c) >= 0]
         assert sorted(c for c in codes[r].tolist() if c >= 0) == kids
         if kids:
             lp = torch.log_softmax(logits[r, kids], 0)
@@ -122,9 +122,9 @@ def test_ved_scores_match_reference(odd_trie, users, slots):
 def test_ved_scores_reference_by_hand(odd_trie):
     """One user, three live nodes: the entropy, G, UCB and gate computed by hand."""
     ptr, code = csr(odd_trie)
-    root_kids = [c for c in range(7) if odd_trie.child[0, c] >= 0]
-    single = int(odd_trie.child[0, 1])  # the node under code 1 has one child
-    full = int(odd_trie.child[0, 0])  # the node under code 0 has all five children
+    root_kids = [c for c in range(7) if odd_trie.child(0, c) >= 0]
+    single = int(odd_trie.child(0, 1))  # the node under code 1 has one child
+    full = int(odd_trie.child(0, 0))  # the node under code 0 has all five children
     tnode = torch.tensor([[0, single, full, -1]])
     depth = torch.tensor([[0, 1, 1, 0]])
     value = torch.tensor([[0.2, 0.3, -0.1, 9.0]])

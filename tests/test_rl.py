@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from genrec.core.bundle import Bundle
 from genrec.core.config import RlConfig, VedConfig
-from genrec.models.loading import load_recommender, load_trie
+from genrec.models.loading import load_recommender
 from genrec.models.value import ValueHead
 from genrec.training.loop import Dist, read_checkpoint
 from genrec.training.rl import candidate_paths, make_rollouts, rl_step
@@ -23,7 +23,7 @@ from conftest import run_cli
 def setup(demo_bundle):
     bundle = Bundle.load(demo_bundle)
     policy = load_recommender(bundle)
-    trie = load_trie(bundle)
+    trie = policy.trie
     vectors = F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1)
     codes = torch.as_tensor(bundle.codes).long()
     g = torch.Generator().manual_seed(0)
@@ -54,8 +54,8 @@ def test_candidate_paths_follow_the_trie(setup):
         node = 0
         for level, code in enumerate(policy.item_codes[item] - policy.code_offset):
             assert p[0, j, level] == node
-            node = int(trie.child[node, code])
-        assert node == item and p[0, j, -1] == item + len(trie.child)
+            node = int(trie.child(torch.tensor(node), code))
+        assert node == item and p[0, j, -1] == item + trie.n_nodes
 
 
 @pytest.mark.parametrize("rollout", ["beam", "sample", "ved"])

@@ -22,12 +22,19 @@ def test_codes_are_a_bijection_and_the_trie_holds_every_item(unique_last_level):
     for row in range(len(x)):  # walking an item's codes from the root ends at that item
         node = 0
         for code in sid.codes[row]:
-            node = trie.child[node, code]
+            node = trie.child(node, code)
         assert node == row
-    # the CSR view lists exactly the valid children of the dense view, codes ascending
+    # each node's CSR run lists exactly the codes its items continue with, ascending, and `child` finds each of them
+    continuations = {}
+    for codes in sid.codes.tolist():
+        node = 0
+        for code in codes:
+            continuations.setdefault(node, set()).add(code)
+            node = int(trie.child(node, code))
     for node in range(trie.n_nodes):
         lo, hi = trie.child_ptr[node], trie.child_ptr[node + 1]
-        assert trie.child_code[lo:hi].tolist() == np.flatnonzero(trie.child[node] >= 0).tolist()
+        assert trie.child_code[lo:hi].tolist() == sorted(continuations.get(node, ()))
+        assert (trie.child(node, np.arange(trie.vocab)) >= 0).sum() == hi - lo
     assert trie.child_ptr[-1] == trie.n_nodes - 1 + len(x)  # one edge into every node but the root, and each leaf
 
 

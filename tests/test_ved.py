@@ -26,12 +26,12 @@ def setup():
     torch.manual_seed(1)
     cfg = RecommenderConfig(d_model=32, n_heads=2, n_layers=1, n_code_layers=2, dropout=0.0,
                             constrained_loss=True, node_embedding=True)
-    model = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), torch.as_tensor(trie.child)).eval()
+    model = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes), Trie.from_prefix_trie(trie)).eval()
     head = ValueHead(32).eval()
     with torch.no_grad():
         for p in [*model.parameters(), *head.parameters()]:
             p.mul_(6.0)
-    return model, head, Trie.from_prefix_trie(trie), sid
+    return model, head, model.trie, sid
 
 
 class CountingModel:
@@ -58,7 +58,7 @@ def exact_logp(model, trie, history, item, codes):
         logits = model.level_logits(states[lv][None], lv, torch.tensor([node]))[0]
         valid = trie.valid(torch.tensor([node]), logits.shape[0])[0]
         total += float(torch.log_softmax(logits.masked_fill(~valid, float("-inf")), 0)[codes[item][lv]])
-        node = int(trie.child[node, codes[item][lv]])
+        node = int(trie.child(torch.tensor(node), torch.tensor(codes[item][lv])))
     return total
 
 
@@ -89,7 +89,8 @@ def test_ved_returns_distinct_valid_items_within_budget(setup, seed, batch, widt
     budget = max(1, beam_budget(trie.depth, width) + extra)
     counted = CountingModel(model)
     cfg = VedConfig(init_depth=init_depth, temperature=temperature, score=score, seed=seed)
-    res = ved_decode(counted, head, trie, history, k, width, budget, cfg, exclude)
+    res = ved_decode(counted, head, trie, history, k, width, budget, cfg,
+                     trie.exclusion(history) if exclude_seen else None)
     assert res.items.shape == (batch, k)
     assert (res.forwards <= budget).all() and counted.forwards == int(res.forwards.sum())  # every forward counted
     for b in range(batch):
@@ -111,8 +112,8 @@ def test_exclusion_applies_inside_the_search(setup, excluded):
     best = beam_search(model, trie, history, excluded, excluded).items
     exclude = torch.zeros(2, N_ITEMS, dtype=torch.bool)
     exclude[torch.arange(2).repeat_interleave(excluded), best.reshape(-1)] = True
-    res = ved_decode(model, head, trie, history, 10, 10, None, VedConfig(), exclude)
-    beam = beam_search(model, trie, history, 10, 10, exclude)
+    res = ved_decode(model, head, trie, history, 10, 10, None, VedConfig(), trie.exclusion(best))
+    beam = beam_search(model, trie, history, 10, 10, trie.exclusion(best))
     for b in range(2):
         items = res.items[b].tolist()
         assert -1 not in items and len(set(items)) == 10 and not exclude[b, items].any(), items
@@ -161,7 +162,7 @@ def test_ved_ranks_with_the_recommenders_rescore_as_beam_search_does(setup):
     torch.manual_seed(2)
     cfg = model.cfg.model_copy(update={"item_embedding": True, "rescore": 1.0})
     rescored = Recommender(cfg, sid.vocab_sizes, torch.as_tensor(sid.codes),
-                           torch.as_tensor(PrefixTrie(sid.codes, sid.vocab_sizes).child)).eval()
+                           trie).eval()
     missing, _ = rescored.load_state_dict(model.state_dict(), strict=False)
     assert missing == ["item_emb.weight"]
     with torch.no_grad():

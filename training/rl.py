@@ -33,7 +33,7 @@ from genrec.core.data import eval_split, load_dataset, train_pairs, train_sequen
 from genrec.evaluation import recommender_ranks
 from genrec.models.decoding import Trie, beam_search, sample
 from genrec.models.grpo import combined_reward, group_advantages, k3_kl, policy_ratio_loss, sibling_advantages
-from genrec.models.loading import load_recommender, load_trie, load_value_head, prefix_trie
+from genrec.models.loading import load_recommender, load_value_head
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead, level_rewards, td_targets
 from genrec.models.ved import ved_decode
@@ -82,7 +82,7 @@ def draw_candidates(policy: Recommender, value_head: ValueHead, trie: Trie, hist
 def candidate_paths(trie: Trie, items: torch.Tensor) -> torch.Tensor:
     """(U, G) items -> (U, G, D + 1) trie path keys: the root 0, the prefix nodes, then the item offset by the node
     count (empty slots get -1 everywhere; they are masked by `valid`)."""
-    n_nodes = len(trie.child)
+    n_nodes = trie.n_nodes
     it = items.clamp_min(0)
     path = torch.cat([torch.zeros_like(it)[..., None], trie.item_path[it], (it + n_nodes)[..., None]], -1)
     return torch.where(items[..., None] >= 0, path, -1)
@@ -236,8 +236,7 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
                          f"--data {data}` first, or pass --rollout beam")
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "rl")
 
-    prefix = prefix_trie(bundle)
-    policy = load_recommender(bundle, prefix=prefix)  # eval mode: no dropout, so the first pass's ratio is exactly 1
+    policy = load_recommender(bundle)  # eval mode: no dropout, so the first pass's ratio is exactly 1
     torch.manual_seed(cfg.seed)
     value_head = load_value_head(bundle) if bundle.has("value.safetensors") else ValueHead(policy.cfg.d_model)
     value_head.eval()
@@ -246,7 +245,7 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     if cfg.valid_users and cfg.valid_users < len(valid.targets):
         pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(valid.targets))[: cfg.valid_users])
         valid = type(valid)(valid.users[pick], valid.histories[pick], valid.targets[pick])
-    task = RlTask(policy, value_head, load_trie(bundle, prefix=prefix), torch.as_tensor(bundle.codes).long(),
+    task = RlTask(policy, value_head, policy.trie, torch.as_tensor(bundle.codes).long(),
                   F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1), pairs, valid, cfg,
                   preset.ved, preset.value.gamma, preset.value.reward_weights, d)
     if d.main:

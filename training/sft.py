@@ -16,7 +16,7 @@ from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import Preset, TrainConfig, load_preset
 from genrec.core.data import eval_split, load_dataset, train_sequences, train_windows
 from genrec.evaluation import recommender_ranks, sasrec_ranks
-from genrec.models.loading import SASREC_FILE, load_trie, prefix_trie
+from genrec.models.loading import SASREC_FILE, load_trie
 from genrec.models.recommender import Recommender
 from genrec.models.sasrec import SASRec
 from genrec.training.loop import (LoopConfig, Supervised, init_distributed, load_best, run, run_summary,
@@ -65,10 +65,8 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
         log(f"sft: {len(windows)} training windows ({fit} fit), {len(valid.targets)} validation users, "
             f"run dir {run_dir}")
     torch.manual_seed(cfg.seed)
-    prefix = prefix_trie(bundle)
-    model = Recommender(preset.recommender, bundle.vocab_sizes, torch.as_tensor(bundle.codes),
-                        torch.as_tensor(prefix.child))
-    trie = load_trie(bundle, prefix=prefix)
+    trie = load_trie(bundle)
+    model = Recommender(preset.recommender, bundle.vocab_sizes, torch.as_tensor(bundle.codes), trie)
     task = Supervised(model, windows, cfg, lambda m, dd: recommender_ranks(m, trie, valid, cfg.beam_width,
                                                                           (dd.rank, dd.world)), d)
     recipe = {**cfg.model_dump(), "recommender": preset.recommender.model_dump(), "fit": fit}

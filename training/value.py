@@ -22,7 +22,7 @@ from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import ValueConfig, load_preset
 from genrec.core.data import eval_split, load_dataset, train_sequences, train_windows
 from genrec.models.decoding import Trie, sample
-from genrec.models.loading import load_recommender, load_trie, prefix_trie
+from genrec.models.loading import load_recommender
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead, level_rewards, td_targets
 from genrec.training.loop import (Dist, LoopConfig, gather_ranks, init_distributed, load_best, random_batches, run,
@@ -126,11 +126,10 @@ def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | No
     ds = load_dataset(data)
     bundle.check_catalog(ds)
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "value")
-    prefix = prefix_trie(bundle)
-    policy = load_recommender(bundle, prefix=prefix)
+    policy = load_recommender(bundle)
     for p in policy.parameters():
         p.requires_grad_(False)
-    scorer = RolloutScorer(policy, load_trie(bundle, prefix=prefix), bundle.item_vectors, bundle.codes, cfg)
+    scorer = RolloutScorer(policy, policy.trie, bundle.item_vectors, bundle.codes, cfg)
 
     # One (history, next item) pair per training window: its most recent target.
     windows = train_windows(train_sequences(ds), policy.cfg.max_history)

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from genrec.core.bundle import Bundle
 from genrec.models.decoding import beam_search
-from genrec.models.loading import load_recommender, load_trie, load_value_head
+from genrec.models.loading import load_recommender, load_value_head
 from genrec.models.ved import ved_decode
 from genrec.server.app import SERVICE_NAMES
 from genrec.v1 import embed_pb2, info_pb2, recommend_pb2, search_pb2
@@ -31,14 +31,11 @@ def bundle(served_bundle):
 
 def direct_beam(bundle, history_ids, k, beam_width, exclude_seen=False):
     """The reference: beam search on the bundle's model, one request alone."""
-    model, trie = load_recommender(bundle), load_trie(bundle)
+    model = load_recommender(bundle)
     rows = torch.as_tensor(bundle.catalog.rows(history_ids))
     hist = rows[-model.cfg.max_history:][None]
-    exclude = None
-    if exclude_seen:
-        exclude = torch.zeros(1, len(bundle.catalog), dtype=torch.bool)
-        exclude[0, rows] = True
-    recs = beam_search(model, trie, hist, beam_width, k, exclude)
+    exclude = model.trie.exclusion(rows[None]) if exclude_seen else None
+    recs = beam_search(model, model.trie, hist, beam_width, k, exclude)
     keep = recs.items[0] >= 0
     return bundle.catalog.ids[recs.items[0][keep].numpy()].tolist(), recs.scores[0][keep].tolist()
 
@@ -60,7 +57,8 @@ def test_recommend_with_ved_matches_direct_ved(shared_server, bundle):
     req = recommend_pb2.RecommendRequest(history=ids, k=6, decoding=recommend_pb2.Decoding(
         strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=4, budget=17))
     resp = shared_server.stubs.recommend.Recommend(req, timeout=30)
-    model, trie = load_recommender(bundle), load_trie(bundle)
+    model = load_recommender(bundle)
+    trie = model.trie
     hist = torch.as_tensor(bundle.catalog.rows(ids))[-model.cfg.max_history:][None]
     want = ved_decode(model, load_value_head(bundle), trie, hist, 6, 4, 17, bundle.preset.ved)
     assert want.forwards.item() <= 17
