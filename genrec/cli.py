@@ -47,12 +47,16 @@ BundlePath = Annotated[Path, typer.Option("--bundle", help="bundle directory")]
 def data_synth(out: Annotated[Path, typer.Option(help="folder to write items.jsonl and sequential_data.txt")],
                items: Annotated[int, typer.Option(min=50, max=1_000_000, help="catalog size")] = 600,
                users: Annotated[int, typer.Option(min=10, max=10_000_000, help="number of users")] = 2000,
-               seed: Annotated[int, typer.Option(help="random seed")] = 0):
+               seed: Annotated[int, typer.Option(help="random seed")] = 0,
+               vector_dim: Annotated[int, typer.Option(min=0, max=4096, help="also write item_vectors.npy with "
+                                                       "vectors of this size (for `genrec build --vectors`: big "
+                                                       "catalogs without hours of CPU embedding); 0: none")] = 0):
     """Write the seeded synthetic sample (users with learnable behaviour) in the genrec folder format."""
     from genrec.core import synth
 
-    synth.write(out, items, users, seed)
-    typer.echo(f"wrote {items} items and {users} users to {out}")
+    synth.write(out, items, users, seed, vector_dim)
+    typer.echo(f"wrote {items} items and {users} users to {out}"
+               + (f", and {vector_dim}-d item vectors to {out / synth.VECTORS_FILE}" if vector_dim else ""))
 
 
 Backbone = Annotated[Optional[str], typer.Option(
@@ -81,7 +85,11 @@ def build(data: Data, out: Annotated[Path, typer.Option(help="bundle directory t
           preset: Annotated[str, typer.Option(help="preset name or YAML path (see `genrec presets`); auto: the "
                                               "preset named for the catalog's size (small under 5,000 items, else "
                                               "medium)")] = "auto",
-          backbone: Backbone = None, prompt: Prompt = None):
+          backbone: Backbone = None, prompt: Prompt = None,
+          vectors: Annotated[Optional[Path], typer.Option(
+              help="precomputed item vectors instead of embedding the catalog: an .npy (rows in items.jsonl order) "
+                   "or a .safetensors file with 'vectors' and optional 'item_ids'. The bundle then serves Search by "
+                   "vector and Recommend, not Embed or text Search")] = None):
     """Embed the catalog, build the FAISS index and the semantic IDs: a new bundle."""
     from genrec.core.config import load_preset, preset_for_catalog
     from genrec.core.data import load_dataset
@@ -92,7 +100,7 @@ def build(data: Data, out: Annotated[Path, typer.Option(help="bundle directory t
         typer.echo(f"preset {preset} (auto, for the size of the catalog)")
     recipe = load_preset(preset)
     recipe = recipe.model_copy(update={"embedder": _embedder_config(recipe.embedder, backbone, prompt)})
-    build_bundle(data, out, recipe, preset)
+    build_bundle(data, out, recipe, preset, vectors_file=vectors)
 
 
 @app.command()
@@ -126,6 +134,8 @@ def _train_command(kind: str):
         lr: Annotated[Optional[float], typer.Option(min=0.0, help="peak learning rate")] = None,
         checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="steps between checkpoints")] = None,
         eval_every: Annotated[Optional[int], typer.Option(min=1, help="epochs between validations")] = None,
+        valid_users: Annotated[Optional[int], typer.Option(min=16, help="validation users, a seeded sample "
+                                                           "(default: the whole split)")] = None,
         seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
         fit: Annotated[SplitName, typer.Option(
             help="valid: train on all but each user's last two items, keep the best weights on the validation split; "
@@ -136,7 +146,8 @@ def _train_command(kind: str):
 
         fn = train_sft if kind == "sft" else train_sasrec
         overrides = _train_overrides(max_minutes=max_minutes, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
-                                     checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed)
+                                     checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed,
+                                     valid_users=valid_users)
         fn(bundle, data, preset, run_dir, resume, overrides, max_steps, fit.value)
 
     command.__doc__ = {"sft": "Supervised next-item training of the recommender (semantic-ID generation).",

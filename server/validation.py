@@ -120,9 +120,11 @@ def _embeddable(inputs: list[EmbedInput], role: Role, labels: list[str], engine:
 
 def _needs_embedder(engine: Engine, what: str) -> None:
     if engine.embedder is None:
-        raise NotServed(f"{what} needs the embedder, and this bundle was built from a catalog without titles or "
-                        "texts: its item vectors come from behaviour. Search it by vector (e.g. an item's vector) or "
-                        "ask Recommend")
+        source = engine.bundle.manifest.get("embedder", {}).get("vectors")
+        why = (f"its item vectors were precomputed ({source}) by a model this server does not have" if source else
+               "it was built from a catalog without titles or texts: its item vectors come from behaviour")
+        raise NotServed(f"{what} needs the embedder, and this bundle has none: {why}. Search it by vector (e.g. an "
+                        "item's vector) or ask Recommend")
 
 
 def embed_query(req: embed_pb2.EmbedRequest, engine: Engine, limits: LimitsConfig) -> EmbedQuery:

@@ -40,3 +40,25 @@ def test_eval_writes_json_and_predictions(tmp_path, demo_bundle, demo_data):
     first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
     assert set(first) >= {"user", "target", "topk"} and len(first["topk"]) == 10
     assert "popularity" in proc.stdout
+
+
+def test_build_from_precomputed_vectors(tmp_path):
+    """`data synth --vector-dim` then `build --vectors`: the index holds the given vectors, the semantic IDs come
+    from them, and the bundle says it has no embedder for text (the vectors' model is not in it)."""
+    import numpy as np
+
+    from genrec.core.bundle import Bundle
+
+    data = tmp_path / "d"
+    run_cli("data", "synth", "--out", data, "--items", 300, "--users", 200, "--vector-dim", 12)
+    proc = run_cli("build", "--data", data, "--out", tmp_path / "b", "--preset", "tiny", "--vectors",
+                   data / "item_vectors.npy")
+    assert "precomputed item vectors" in proc.stdout
+    b = Bundle.load(tmp_path / "b")
+    assert b.manifest["embedder"]["text"] is False and b.manifest["embedder"]["dim"] == 12
+    assert b.manifest["embedder"]["vectors"].endswith("item_vectors.npy")
+    assert np.allclose(b.item_vectors, np.load(data / "item_vectors.npy"), atol=1e-6)
+    bad = run_cli("build", "--data", data, "--out", tmp_path / "c", "--preset", "tiny", "--vectors",
+                  data / "items.jsonl", check=False)
+    assert bad.returncode == 2 and "unknown vector file type '.jsonl'" in bad.stderr and "Fix:" in bad.stderr
+    assert not (tmp_path / "c").exists()

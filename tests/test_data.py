@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +80,54 @@ def test_synthetic_sample_is_seeded_and_valid(tmp_path):
     ds = load_dataset(synth.write(tmp_path, 100, 50, seed=3))
     assert len(ds.catalog) == 100 and len(ds.users) == 50
     assert all(len(s) >= 5 and len(set(s.tolist())) == len(s) for s in ds.sequences)
+
+
+def test_synthetic_item_vectors_cluster_by_category(tmp_path):
+    synth.write(tmp_path, 200, 20, seed=2, vector_dim=16)
+    vectors = np.load(tmp_path / synth.VECTORS_FILE)
+    items, _ = synth.generate(200, 20, seed=2)
+    assert vectors.shape == (200, 16) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-5)
+    leaf = np.array([it["categories"][0][-1] for it in items])
+    sim = vectors @ vectors.T
+    same = leaf[:, None] == leaf[None, :]
+    np.fill_diagonal(same, False)
+    assert sim[same].mean() > sim[~same].mean() + 0.3  # nearer within a category, as embedded titles are
+
+
+def test_precomputed_item_vectors_are_aligned_normalised_and_validated(tmp_path):
+    from safetensors.numpy import save_file
+
+    from genrec.core.data import read_item_vectors
+
+    catalog = load_dataset(write(tmp_path / "d", ITEMS, ["1 1 2 3", "2 4 5 6 7"])).catalog
+    rng = np.random.default_rng(0)
+    raw = rng.normal(size=(7, 4)).astype(np.float32)
+    np.save(tmp_path / "v.npy", raw)
+    got = read_item_vectors(tmp_path / "v.npy", catalog)
+    assert np.allclose(got, raw / np.linalg.norm(raw, axis=1, keepdims=True))
+    # safetensors with ids in another order: rows follow the ids
+    order = rng.permutation(7)
+    save_file({"vectors": raw[order], "item_ids": catalog.ids[order]}, str(tmp_path / "v.safetensors"))
+    assert np.allclose(read_item_vectors(tmp_path / "v.safetensors", catalog), got, atol=1e-6)
+    bad = {"rows.npy": raw[:5], "zero.npy": np.vstack([raw[:6], np.zeros((1, 4), np.float32)]),
+           "flat.npy": raw.reshape(-1), "v.txt": raw}
+    for name, array in bad.items():
+        np.save(tmp_path / name, array) if name.endswith(".npy") else (tmp_path / name).write_text("1 2")
+    for name, problem in [("rows.npy", "5 vector rows for 7 catalog items"), ("zero.npy", "zero or not finite"),
+                          ("flat.npy", "vectors of shape (28,)"), ("v.txt", "unknown vector file type"),
+                          ("none.npy", "no such file")]:
+        with pytest.raises(DatasetError, match=re.escape(problem)):
+            read_item_vectors(tmp_path / name, catalog)
+    save_file({"vectors": raw[:6], "item_ids": catalog.ids[:6]}, str(tmp_path / "few.safetensors"))
+    with pytest.raises(DatasetError, match=r"no vector for 1 catalog items \(e.g. \[7\]\)"):
+        read_item_vectors(tmp_path / "few.safetensors", catalog)
+
+
+def test_split_sample_is_seeded_and_keeps_order(tmp_path):
+    ds = load_dataset(synth.write(tmp_path, 100, 60, seed=1))
+    split = eval_split(ds, "valid")
+    a, b = split.sample(10, 3), split.sample(10, 3)
+    assert np.array_equal(a.users, b.users) and len(a.users) == 10 and (np.diff(a.users) > 0).all()
+    rows = np.searchsorted(split.users, a.users)
+    assert np.array_equal(split.histories[rows], a.histories) and np.array_equal(split.targets[rows], a.targets)
+    assert split.sample(None) is split and split.sample(10_000) is split

@@ -240,6 +240,8 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     texts = [it.text for it in ds.catalog.items]
     pairs = next_item_pairs(train_sequences(ds))
     valid = heldout_pairs(ds, "valid")
+    if cfg.valid_users is not None and cfg.valid_users < len(valid):  # a seeded sample, in order
+        valid = valid[np.sort(np.random.default_rng(cfg.seed).permutation(len(valid))[: cfg.valid_users])]
     run_dir = Path(run_dir or Path("runs") / Path(out).name / "embedder")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

@@ -242,9 +242,7 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     value_head.eval()
     pairs = train_pairs(train_sequences(ds), policy.cfg.max_history)
     valid = eval_split(ds, "valid", policy.cfg.max_history)
-    if cfg.valid_users and cfg.valid_users < len(valid.targets):
-        pick = np.sort(np.random.default_rng(cfg.seed).permutation(len(valid.targets))[: cfg.valid_users])
-        valid = type(valid)(valid.users[pick], valid.histories[pick], valid.targets[pick])
+    valid = valid.sample(cfg.valid_users, cfg.seed)
     task = RlTask(policy, value_head, policy.trie, torch.as_tensor(bundle.codes).long(),
                   F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1), pairs, valid, cfg,
                   preset.ved, preset.value.gamma, preset.value.reward_weights, d)

@@ -60,7 +60,7 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
     loop, about = _loop(cfg, max_steps, fit, bundle, "sft")
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / ("sft" if fit == "valid" else "sft-test-fit"))
     windows = train_windows(train_sequences(ds, fit), preset.recommender.max_history)
-    valid = eval_split(ds, "valid", preset.recommender.max_history)
+    valid = eval_split(ds, "valid", preset.recommender.max_history).sample(cfg.valid_users, cfg.seed)
     if d.main:
         log(f"sft: {len(windows)} training windows ({fit} fit), {len(valid.targets)} validation users, "
             f"run dir {run_dir}")
@@ -101,7 +101,7 @@ def train_sasrec(bundle_path: str | Path, data: str | Path, preset_name: str | N
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / ("sasrec" if fit == "valid" else
                                                                       "sasrec-test-fit"))
     windows = train_windows(train_sequences(ds, fit), preset.sasrec.max_history)
-    valid = eval_split(ds, "valid", preset.sasrec.max_history)
+    valid = eval_split(ds, "valid", preset.sasrec.max_history).sample(cfg.valid_users, cfg.seed)
     if d.main:
         log(f"sasrec: {len(windows)} training windows ({fit} fit), run dir {run_dir}")
     torch.manual_seed(cfg.seed)

@@ -132,6 +132,8 @@ class TrainConfig(Frozen):
     patience: int = Field(6, ge=1, description="early stop after N evaluations without a better validation NDCG@10")
     checkpoint_every: int = Field(500, ge=1, description="write a resumable checkpoint every N steps")
     beam_width: int = Field(20, ge=1, le=1024, description="beam width for validation decoding")
+    valid_users: int | None = Field(None, ge=16, description="validation users, a seeded sample (default: the "
+                                    "whole split; big catalogs with many users validate faster on a sample)")
     seed: int = Field(0, description="seed for initialisation, data order and dropout")
 
 

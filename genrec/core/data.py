@@ -121,6 +121,58 @@ def catalog_of_ids(item_ids) -> Catalog:
     return Catalog([Item(int(i), f"item {int(i)}", (), "") for i in sorted(set(item_ids))], has_text=False)
 
 
+def read_item_vectors(path: str | Path, catalog: Catalog) -> np.ndarray:
+    """Precomputed item vectors (`genrec build --vectors`): an .npy of (N, D) rows in the catalog's order (the order
+    of items.jsonl), or a .safetensors file with `vectors` (N, D) and, optionally, `item_ids` (N,) that match rows to
+    items by id. -> (N, D) unit-norm float32 in catalog order."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(path, None, "no such file", "pass an .npy or .safetensors file of item vectors")
+    if path.suffix == ".npy":
+        try:
+            vectors, ids = np.load(path, allow_pickle=False), None
+        except ValueError as e:
+            raise DatasetError(path, None, f"not a numeric .npy array ({e})", "save a float array with np.save") from None
+    elif path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.numpy import load_file
+
+        try:
+            arrays = load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise DatasetError(path, None, f"not a safetensors file ({e})", "write it with safetensors") from None
+        if "vectors" not in arrays:
+            raise DatasetError(path, None, f"no 'vectors' tensor (found {sorted(arrays)})",
+                               "store the (N, D) vectors under the name 'vectors'")
+        vectors, ids = arrays["vectors"], arrays.get("item_ids")
+    else:
+        raise DatasetError(path, None, f"unknown vector file type {path.suffix!r}", "use .npy or .safetensors")
+    if vectors.ndim != 2 or not np.issubdtype(vectors.dtype, np.number):
+        raise DatasetError(path, None, f"vectors of shape {vectors.shape} and type {vectors.dtype}",
+                           "store a 2-D float array, one row per item")
+    if ids is not None:
+        ids = np.asarray(ids).astype(np.int64).reshape(-1)
+        if len(ids) != len(vectors) or len(np.unique(ids)) != len(ids):
+            raise DatasetError(path, None, "item_ids must name each row's item once",
+                               "store one distinct id per vector row")
+        missing = [i for i in catalog.ids.tolist() if i not in set(ids.tolist())]
+        if missing:
+            raise DatasetError(path, None, f"no vector for {len(missing)} catalog items (e.g. {missing[:5]})",
+                               "give every item of the catalog a vector")
+        order = {int(i): r for r, i in enumerate(ids)}
+        vectors = vectors[[order[int(i)] for i in catalog.ids]]
+    elif len(vectors) != len(catalog):
+        raise DatasetError(path, None, f"{len(vectors)} vector rows for {len(catalog)} catalog items",
+                           "write one row per item in the catalog's order, or a safetensors file with item_ids")
+    vectors = vectors.astype(np.float32)
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    bad = np.flatnonzero(~np.isfinite(norms[:, 0]) | (norms[:, 0] == 0))
+    if len(bad):
+        raise DatasetError(path, None, f"{len(bad)} rows are zero or not finite (items "
+                           f"{catalog.ids[bad[:5]].tolist()})", "give every item a finite, non-zero vector")
+    return vectors / norms
+
+
 def _why_unknown(known) -> str:
     return "item ids are non-negative integers" if isinstance(known, _AnyItem) else "not in items.jsonl"
 
@@ -224,6 +276,13 @@ class Split:
     users: np.ndarray  # (N,)
     histories: np.ndarray  # (N, MAX_HISTORY) int64, most recent item last, -1 left padding
     targets: np.ndarray  # (N,)
+
+    def sample(self, n: int | None, seed: int = 0) -> "Split":
+        """At most n examples, a seeded draw in the original order (None: all of them)."""
+        if n is None or n >= len(self.targets):
+            return self
+        pick = np.sort(np.random.default_rng(seed).permutation(len(self.targets))[:n])
+        return Split(self.users[pick], self.histories[pick], self.targets[pick])
 
 
 def _pad_left(seqs: list[np.ndarray], length: int) -> np.ndarray:

@@ -59,6 +59,10 @@ def generate(n_items: int = 600, n_users: int = 2000, seed: int = 0, min_len: in
         follow[i, 2] = rng.choice(other) if len(other) else rng.choice(same)
     popularity = rng.zipf(1.6, n_items).astype(float)
     popularity /= popularity.sum()
+    # rng.choice(n_items, p=popularity) builds this CDF on every call (O(N) each, hours at a million items); the same
+    # draw from one CDF built once: the same random stream, the same sample.
+    cdf = popularity.cumsum()
+    cdf /= cdf[-1]
 
     sequences = {}
     for u in range(n_users):
@@ -72,16 +76,36 @@ def generate(n_items: int = 600, n_users: int = 2000, seed: int = 0, min_len: in
             elif r < 0.85 and len(by_leaf[liked[rng.integers(2)]]):
                 nxt = int(rng.choice(by_leaf[liked[rng.integers(2)]]))
             else:
-                nxt = int(rng.choice(n_items, p=popularity))
+                nxt = int(cdf.searchsorted(rng.random(), side="right"))
             if nxt not in seq:  # like the Amazon 5-core data: no repeats within a user
                 seq.append(nxt)
         sequences[u + 1] = [s + 1 for s in seq]
     return items, sequences
 
 
-def write(folder: str | Path, n_items: int = 600, n_users: int = 2000, seed: int = 0) -> Path:
+VECTORS_FILE = "item_vectors.npy"
+
+
+def item_vectors(items: list[dict], dim: int, seed: int = 0) -> np.ndarray:
+    """Vectors that stand in for a text embedder's (`genrec build --vectors`): a direction per leaf category, brand
+    and adjective, plus noise, so items cluster by category as embedded titles do. (N, dim) unit-norm float32."""
+    rng = np.random.default_rng(seed + 7919)
+    parts = [[it["categories"][0][-1] for it in items], [it["title"].split()[0] for it in items],
+             [it["title"].split()[1] for it in items]]
+    vectors = 0.25 * rng.standard_normal((len(items), dim))
+    for weight, names in zip([1.0, 0.5, 0.3], parts):
+        kinds, of = np.unique(names, return_inverse=True)
+        vectors += weight * rng.standard_normal((len(kinds), dim))[of]
+    vectors = vectors.astype(np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def write(folder: str | Path, n_items: int = 600, n_users: int = 2000, seed: int = 0, vector_dim: int = 0) -> Path:
     folder = Path(folder)
     items, sequences = generate(n_items, n_users, seed)
+    if vector_dim:
+        with atomic_file(folder / VECTORS_FILE, "wb") as f:
+            np.save(f, item_vectors(items, vector_dim, seed))
     with atomic_file(folder / "items.jsonl") as f:
         for it in items:
             f.write(json.dumps(it) + "\n")
