@@ -132,7 +132,8 @@ def read_item_vectors(path: str | Path, catalog: Catalog) -> np.ndarray:
         try:
             vectors, ids = np.load(path, allow_pickle=False), None
         except ValueError as e:
-            raise DatasetError(path, None, f"not a numeric .npy array ({e})", "save a float array with np.save") from None
+            raise DatasetError(path, None, f"not a numeric .npy array ({e})",
+                               "save a float array with np.save") from None
     elif path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
