@@ -54,9 +54,10 @@ class SASRec(nn.Module):
         inputs, targets = windows[:, :-1], windows[:, 1:]
         valid = (inputs >= 0) & (targets >= 0)
         h = self.encode(inputs)  # (B, T, d)
-        if self.cfg.loss == "full":
-            return {"loss": F.cross_entropy(h[valid] @ self.item_emb.weight.T, targets[valid])}  # (M, N) logits
-        return {"loss": sampled_softmax_loss(h, targets, valid, self.item_emb, self.cfg.negatives)}
+        pairs = valid.sum()
+        if self.cfg.loss == "full":  # (M, N) logits
+            return {"loss": F.cross_entropy(h[valid] @ self.item_emb.weight.T, targets[valid]), "pairs": pairs}
+        return {"loss": sampled_softmax_loss(h, targets, valid, self.item_emb, self.cfg.negatives), "pairs": pairs}
 
     def save(self, path: Path) -> None:
         """Weights as safetensors, with the config in the file's metadata so one file is the whole model."""

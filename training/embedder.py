@@ -34,8 +34,8 @@ from genrec.core.config import EmbedderConfig, EmbedderTrainConfig
 from genrec.core.data import load_dataset, train_sequences
 from genrec.evaluation import evaluate_retrieval, heldout_pairs
 from genrec.models.embedder import CONFIG_FILE
-from genrec.training.loop import (Dist, Supervised, barrier, init_distributed, load_best, random_batches, run,
-                                  run_summary, supervised_loop)
+from genrec.training.loop import (Dist, Supervised, barrier, broadcast_from_main, init_distributed, load_best,
+                                  random_batches, run, run_summary, supervised_loop)
 
 def next_item_pairs(seqs: list[np.ndarray]) -> np.ndarray:
     """(P, 2) distinct (item, next item) catalog rows from training sequences, repeats of the same item skipped."""
@@ -263,7 +263,11 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
             return random_batches(len(pairs), cfg.batch_size, seed)
         # Mined with the weights at the epoch's start and kept for --resume; keyed by what shapes the batches.
         cache = run_dir / f"clusters-epoch{epoch}-b{cfg.batch_size}-k{cfg.k}-p{cfg.pool}-s{cfg.seed}.npz"
-        if d.main and not cache.exists():
+        mined = None
+        if d.main and cache.exists():
+            with np.load(cache) as z:
+                mined = np.split(z["flat"], z["bounds"])
+        elif d.main:
             was_training = model.training
             model.eval()
             v = embedder.encode(texts, "document", truncate=True, progress=True)
@@ -281,11 +285,9 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
             log(f"embedder: epoch {epoch} mined: {len(clusters)} clusters, {owners:.1f} hard pairs per anchor, "
                 f"{len(mined)} batches ({full:.0%} full); a row sees {per_row.mean():.2f} hard negatives on average, "
                 f"{(per_row > 0).mean():.0%} of rows at least one")
-            with atomic_file(cache, "wb") as f:
+            with atomic_file(cache, "wb") as f:  # kept on the main rank's disk for --resume
                 np.savez(f, flat=np.concatenate(mined), bounds=np.cumsum([len(b) for b in mined])[:-1])
-        barrier(d)  # the other ranks read what the main rank mined
-        with np.load(cache) as z:
-            return np.split(z["flat"], z["bounds"])
+        return broadcast_from_main(mined, d)  # the other ranks may be on machines without this disk
 
     def evaluate(m, dd: Dist) -> np.ndarray:
         return evaluate_retrieval(embedder, texts, valid, (dd.rank, dd.world))

@@ -81,6 +81,33 @@ def barrier(d: Dist) -> None:
         dist.barrier()
 
 
+def broadcast_from_main(obj, d: Dist):
+    """What the main rank computed or read, on every rank, through the process group (not a shared disk: the ranks of
+    a multi-node run each have their own). An exception the main rank passes is raised on every rank."""
+    if d.world > 1:
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        obj = box[0]
+    if isinstance(obj, BaseException):
+        raise obj
+    return obj
+
+
+def global_rows(keys: np.ndarray, lengths: np.ndarray, d: Dist) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of every rank in one order that does not depend on the number of ranks: keys (n, 2) sort them (e.g.
+    the user's position in the dataset, then the window). Returns the lengths of all rows in that order, and for
+    each of them this rank's row index, or -1 where another rank holds it."""
+    parts = [(keys, lengths)]
+    if d.world > 1:
+        parts = [None] * d.world
+        dist.all_gather_object(parts, (keys, lengths))
+    all_keys = np.concatenate([k.reshape(-1, 2) for k, _ in parts])
+    owner = np.repeat(np.arange(len(parts)), [len(k) for k, _ in parts])
+    local = np.concatenate([np.arange(len(k)) for k, _ in parts])
+    order = np.lexsort((all_keys[:, 1], all_keys[:, 0]))
+    return np.concatenate([n for _, n in parts])[order], np.where(owner[order] == d.rank, local[order], -1)
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     """How long to train, when to validate, what counts as better. Each trainer derives it from its own config."""
@@ -197,8 +224,16 @@ def read_checkpoint(run_dir: Path) -> tuple[dict[str, dict[str, torch.Tensor]], 
 
 
 def load_checkpoint(task: Task, run_dir: Path, recipe: dict, d: Dist = Dist()) -> LoopState:
-    """Restore the task and the loop state from run_dir/checkpoint, or say how to start fresh."""
-    weights, state = read_checkpoint(run_dir)
+    """Restore the task and the loop state from run_dir/checkpoint, or say how to start fresh. The main rank reads
+    it (it wrote it) and sends it to the others."""
+    payload = None
+    if d.main:
+        try:
+            weights, state = read_checkpoint(run_dir)
+            payload = (weights, state, torch.load(Path(run_dir) / CHECKPOINT / "optimizer.pt", weights_only=True))
+        except (FileNotFoundError, OSError, ValueError) as e:
+            payload = e
+    weights, state, rest = broadcast_from_main(payload, d)
     changed = {k for k in set(recipe) | set(state["recipe"]) if k not in LIMITS
                and state["recipe"].get(k) != recipe.get(k)}
     if changed:
@@ -207,7 +242,6 @@ def load_checkpoint(task: Task, run_dir: Path, recipe: dict, d: Dist = Dist()) -
                          f"{', '.join(sorted(LIMITS))} may change), or start fresh without --resume")
     for name, m in task.modules.items():
         m.load_state_dict(weights.get(name, {}))
-    rest = torch.load(Path(run_dir) / CHECKPOINT / "optimizer.pt", weights_only=True)
     task.optimizer.load_state_dict(rest["optimizer"])
     rng = rest["rng"][d.rank] if d.rank < len(rest["rng"]) else rest["rng"][0]
     torch.set_rng_state(rng["torch"])
@@ -331,9 +365,14 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, recipe: dict, resume: bool =
             rows = batches[st.batch_in_epoch]
             st.batch_in_epoch += 1
             bar.update(1)
-            if len(rows) < d.world:  # too small to give every rank a row (a packed epoch's last scraps): skipped
+            local_rows = getattr(task, "local_rows", None)
+            if local_rows is not None:  # the task knows which rows of the global batch this rank holds
+                part = local_rows(rows)
+            elif len(rows) < d.world:  # too small to give every rank a row (a packed epoch's last scraps): skipped
                 continue
-            logs = task.train_step(np.array_split(rows, d.world)[d.rank], st.step)
+            else:  # every rank holds every row: each takes its slice of the batch
+                part = np.array_split(rows, d.world)[d.rank]
+            logs = task.train_step(part, st.step)
             st.step += 1
             now = time.time()
             st.elapsed, clock = st.elapsed + now - clock, now
@@ -365,22 +404,30 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, recipe: dict, resume: bool =
 class Supervised:
     """The task of a model whose forward(rows) returns {"loss": ...} (the recommender, SASRec, the embedder): AdamW
     with linear warm-up and cosine decay, gradient clipping, DDP. `data` holds one row per example (windows, or
-    pairs); `ranks(model, dist)` gives the 0-based rank of each validation target in this rank's shard (-1 = miss)."""
+    pairs); `ranks(model, dist)` gives the 0-based rank of each validation target in this rank's shard (-1 = miss).
+
+    Without `keys`, every rank holds every row and takes a slice of each batch. With `keys` (n, 2), `data` is this
+    rank's shard only (a multi-node run reads no more): the batches are drawn over every rank's rows in the order the
+    keys give, each rank trains on the rows of a batch it holds, and the loss is normalised by the pairs of the whole
+    batch (forward returns "pairs"), so any number of ranks takes the steps one process takes."""
 
     best_modules = ("model",)
 
     def __init__(self, model: torch.nn.Module, data: np.ndarray, cfg: TrainConfig,
                  ranks: Callable[[torch.nn.Module, Dist], np.ndarray], d: Dist,
-                 batches: Callable[[int], list[np.ndarray]] | None = None):
+                 batches: Callable[[int], list[np.ndarray]] | None = None, keys: np.ndarray | None = None):
         self.model, self.data, self.cfg, self.ranks, self.d = model, data, cfg, ranks, d
         self.lengths = (data >= 0).sum(1)
-        self.total_steps = math.ceil(len(data) / cfg.batch_size) * cfg.max_epochs
+        self.global_lengths, self.local = (self.lengths, None) if keys is None else global_rows(keys, self.lengths, d)
+        self.total_steps = math.ceil(len(self.global_lengths) / cfg.batch_size) * cfg.max_epochs
         self.modules = {"model": model}
         self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                            betas=(0.9, 0.98))
         # A model may compute outputs its loss does not use (a BERT pooler): it says so, and DDP then looks for them.
         unused = getattr(model, "has_unused_parameters", False)
-        self.forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused) \
+        # broadcast_buffers off: our buffers are constants (the trie, code offsets), identical on every rank already.
+        self.forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused,
+                                                                 broadcast_buffers=False) \
             if d.world > 1 else model
         self._batches = batches
         model.train()
@@ -388,19 +435,37 @@ class Supervised:
     def batches(self, epoch: int) -> list[np.ndarray]:
         if self._batches is not None:
             return self._batches(epoch)
-        return epoch_batches(self.lengths, self.cfg.batch_size, self.cfg.seed, epoch)
+        return epoch_batches(self.global_lengths, self.cfg.batch_size, self.cfg.seed, epoch)
+
+    @property
+    def local_rows(self) -> Callable[[np.ndarray], np.ndarray] | None:
+        """For sharded data: global batch rows -> the rows of this rank's shard among them (the loop asks)."""
+        if self.local is None:
+            return None
+        return lambda rows: self.local[rows][self.local[rows] >= 0]
 
     def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
+        empty = len(rows) == 0  # a shard may hold no row of a batch: it runs one row at weight 0, DDP needs a step
+        rows = rows if not empty else np.zeros(1, dtype=np.int64)
         x = torch.as_tensor(self.data[rows][:, -max(2, int(self.lengths[rows].max())):])  # padding shared by all cut
         lr = self.cfg.lr * lr_factor(step, self.cfg.warmup_steps, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        loss = self.forward(x)["loss"]
+        out = self.forward(x)
+        loss = out["loss"]
+        if self.local is not None and self.d.world > 1:  # the mean over the whole batch's pairs, on every rank
+            pairs = torch.zeros(()) if empty else out["pairs"].float()
+            total = torch.stack([pairs, loss.detach() * pairs])
+            dist.all_reduce(total)
+            loss = loss * pairs * self.d.world / total[0].clamp_min(1)  # DDP averages the ranks' gradients
+            shown = (total[1] / total[0].clamp_min(1)).item()
+        else:
+            shown = loss.item()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
         self.optimizer.step()
-        return {"loss": loss.item(), "lr": lr}
+        return {"loss": shown, "lr": lr}
 
     def validate(self) -> dict[str, float]:
         self.model.eval()

@@ -14,21 +14,35 @@ import torch
 
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import Preset, TrainConfig, load_preset
-from genrec.core.data import eval_split, load_dataset, train_sequences, train_windows
+import numpy as np
+
+from genrec.core.data import Dataset, Split, eval_split, load_dataset, train_sequences, train_windows
 from genrec.evaluation import recommender_ranks, sasrec_ranks
 from genrec.models.loading import SASREC_FILE, load_trie
 from genrec.models.recommender import Recommender
 from genrec.models.sasrec import SASRec
-from genrec.training.loop import (LoopConfig, Supervised, init_distributed, load_best, run, run_summary,
+from genrec.training.loop import (Dist, LoopConfig, Supervised, init_distributed, load_best, run, run_summary,
                                   supervised_loop)
 
 
-def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None):
+def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None, d: Dist):
+    """Under torchrun each rank reads only its shard of the users (the catalog is whole)."""
     bundle = Bundle.load(bundle_path)
     preset: Preset = load_preset(preset_name) if preset_name else bundle.preset
-    ds = load_dataset(data)
+    ds = load_dataset(data, shard=(d.rank, d.world))
     bundle.check_catalog(ds)
     return bundle, preset, ds
+
+
+def _shard_data(ds: Dataset, fit: str, max_history: int, cfg: TrainConfig, d: Dist) -> tuple[np.ndarray, np.ndarray,
+                                                                                           Split]:
+    """This rank's training windows, their keys (user position in the dataset, window), and validation users (a
+    seeded sample of valid_users split between the ranks)."""
+    windows, owner = train_windows(train_sequences(ds, fit), max_history, with_owner=True)
+    nth = np.arange(len(owner)) - np.searchsorted(owner, owner)  # the window's rank within its user
+    keys = np.stack([ds.positions[owner], nth], 1)
+    users = None if cfg.valid_users is None else -(-cfg.valid_users // d.world)
+    return windows, keys, eval_split(ds, "valid", max_history).sample(users, cfg.seed + d.rank)
 
 
 def _loop(cfg: TrainConfig, max_steps: int | None, fit: str, bundle: Bundle, name: str) -> tuple[LoopConfig, dict]:
@@ -54,24 +68,24 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
               run_dir: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
               max_steps: int | None = None, fit: str = "valid", log=print) -> dict:
     d = init_distributed()
-    bundle, preset, ds = _setup(bundle_path, data, preset_name)
+    bundle, preset, ds = _setup(bundle_path, data, preset_name, d)
     cfg = preset.sft.model_copy(update=overrides or {})
     TrainConfig.model_validate(cfg.model_dump())  # overrides obey the same limits as presets
     loop, about = _loop(cfg, max_steps, fit, bundle, "sft")
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / ("sft" if fit == "valid" else "sft-test-fit"))
-    windows = train_windows(train_sequences(ds, fit), preset.recommender.max_history)
-    valid = eval_split(ds, "valid", preset.recommender.max_history).sample(cfg.valid_users, cfg.seed)
-    if d.main:
-        log(f"sft: {len(windows)} training windows ({fit} fit), {len(valid.targets)} validation users, "
-            f"run dir {run_dir}")
+    windows, keys, valid = _shard_data(ds, fit, preset.recommender.max_history, cfg, d)
     torch.manual_seed(cfg.seed)
     trie = load_trie(bundle)
     model = Recommender(preset.recommender, bundle.vocab_sizes, torch.as_tensor(bundle.codes), trie)
-    task = Supervised(model, windows, cfg, lambda m, dd: recommender_ranks(m, trie, valid, cfg.beam_width,
-                                                                          (dd.rank, dd.world)), d)
+    # Each rank validates the users of its own shard; the loop gathers the ranks.
+    task = Supervised(model, windows, cfg, lambda m, dd: recommender_ranks(m, trie, valid, cfg.beam_width), d,
+                      keys=keys)
+    if d.main:
+        log(f"sft: {len(task.global_lengths)} training windows ({fit} fit), "
+            f"{'all' if cfg.valid_users is None else f'about {cfg.valid_users}'} validation users, run dir {run_dir}")
     recipe = {**cfg.model_dump(), "recommender": preset.recommender.model_dump(), "fit": fit}
     st = run(task, loop, run_dir, recipe, resume, d, desc="sft")
-    summary = {**run_summary(st, cfg, windows=int(len(windows))), **about}
+    summary = {**run_summary(st, cfg, windows=int(len(task.global_lengths))), **about}
     if d.main:
         if fit == "valid":
             load_best(task, run_dir)
@@ -94,22 +108,21 @@ def train_sasrec(bundle_path: str | Path, data: str | Path, preset_name: str | N
                  run_dir: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
                  max_steps: int | None = None, fit: str = "valid", log=print) -> dict:
     d = init_distributed()
-    bundle, preset, ds = _setup(bundle_path, data, preset_name)
+    bundle, preset, ds = _setup(bundle_path, data, preset_name, d)
     cfg = preset.sasrec_train.model_copy(update=overrides or {})
     TrainConfig.model_validate(cfg.model_dump())
     loop, about = _loop(cfg, max_steps, fit, bundle, "sasrec")
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / ("sasrec" if fit == "valid" else
                                                                       "sasrec-test-fit"))
-    windows = train_windows(train_sequences(ds, fit), preset.sasrec.max_history)
-    valid = eval_split(ds, "valid", preset.sasrec.max_history).sample(cfg.valid_users, cfg.seed)
-    if d.main:
-        log(f"sasrec: {len(windows)} training windows ({fit} fit), run dir {run_dir}")
+    windows, keys, valid = _shard_data(ds, fit, preset.sasrec.max_history, cfg, d)
     torch.manual_seed(cfg.seed)
     model = SASRec(preset.sasrec, len(bundle.catalog))
-    task = Supervised(model, windows, cfg, lambda m, dd: sasrec_ranks(m, valid, (dd.rank, dd.world)), d)
+    task = Supervised(model, windows, cfg, lambda m, dd: sasrec_ranks(m, valid), d, keys=keys)
+    if d.main:
+        log(f"sasrec: {len(task.global_lengths)} training windows ({fit} fit), run dir {run_dir}")
     recipe = {**cfg.model_dump(), "sasrec": preset.sasrec.model_dump(), "fit": fit}
     st = run(task, loop, run_dir, recipe, resume, d, desc="sasrec")
-    summary = {**run_summary(st, cfg, windows=int(len(windows))), **about}
+    summary = {**run_summary(st, cfg, windows=int(len(task.global_lengths))), **about}
     if d.main:
         if fit == "valid":
             load_best(task, run_dir)

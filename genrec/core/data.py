@@ -241,13 +241,22 @@ class Dataset:
     catalog: Catalog
     users: np.ndarray  # (U,) user ids
     sequences: list[np.ndarray]  # U arrays of catalog rows
+    shard: tuple[int, int] = (0, 1)  # (rank, world): these are the users at positions rank, rank + world, ...
 
     @property
     def n_interactions(self) -> int:
         return sum(len(s) for s in self.sequences)
 
+    @property
+    def positions(self) -> np.ndarray:
+        """Each user's position among all users of the dataset (ascending ids), whatever the shard."""
+        rank, world = self.shard
+        return np.arange(len(self.users), dtype=np.int64) * world + rank
 
-def load_dataset(folder: str | Path) -> Dataset:
+
+def load_dataset(folder: str | Path, shard: tuple[int, int] = (0, 1)) -> Dataset:
+    """shard (rank, world): keep every world-th user from the rank-th on (users in ascending id order), as each rank
+    of a multi-node training run does; the catalog is always whole."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DatasetError(folder, None, "not a directory", "pass the dataset folder (with items.jsonl)")
@@ -265,9 +274,10 @@ def load_dataset(folder: str | Path) -> Dataset:
         raise DatasetError(folder, None, "no user sequences", "add at least one user with items")
     if catalog is None:
         catalog = catalog_of_ids(i for seq in raw.values() for i in seq)
-    users = np.array(sorted(raw), dtype=np.int64)
+    rank, world = shard
+    users = np.array(sorted(raw), dtype=np.int64)[rank::world]
     sequences = [catalog.rows(raw[u]) for u in users]
-    return Dataset(folder.name, catalog, users, sequences)
+    return Dataset(folder.name, catalog, users, sequences, shard)
 
 
 @dataclass
@@ -323,19 +333,22 @@ def seen_items(ds: Dataset, split: str) -> list[np.ndarray]:
     return [s[: len(s) - cut] for s in ds.sequences if len(s) >= 3]
 
 
-def train_windows(seqs: list[np.ndarray], max_history: int = MAX_HISTORY) -> np.ndarray:
+def train_windows(seqs: list[np.ndarray], max_history: int = MAX_HISTORY, with_owner: bool = False):
     """Cut training sequences into windows of max_history + 1 items, so every position from the 2nd on is a target
-    once. Returns (W, max_history + 1) left-padded with -1; inputs are [:, :-1] and targets [:, 1:]."""
-    windows = []
+    once. Returns (W, max_history + 1) left-padded with -1; inputs are [:, :-1] and targets [:, 1:]. with_owner: also
+    the index of each window's sequence (W,)."""
+    windows, owner = [], []
     span = max_history + 1
-    for s in seqs:
+    for i, s in enumerate(seqs):
         if len(s) < 2:
             continue
         end = len(s)
         while end >= 2:
             windows.append(s[max(0, end - span): end])
+            owner.append(i)
             end -= max_history  # the next window's last item is this window's first input
-    return _pad_left(windows, span)
+    out = _pad_left(windows, span)
+    return (out, np.array(owner, dtype=np.int64)) if with_owner else out
 
 
 def popularity(seqs: list[np.ndarray], n_items: int) -> np.ndarray:
