@@ -48,7 +48,8 @@ def generate_topk(model: Recommender, trie: Trie, histories: np.ndarray, k: int,
     """(N, T) histories -> (N, k) catalog rows, their scores, and the model forwards spent per user, by constrained
     beam search (k <= beam_width; its forwards are 1 + (D - 1) * beam_width) or VED (any k, within `budget`).
     seen: per user, items never to return."""
-    items, scores, forwards = [], [], []
+    items = [np.zeros((0, k), dtype=np.int64)]  # a shard may have no users: (0, k), not an error
+    scores, forwards = [np.zeros((0, k), dtype=np.float32)], [np.zeros(0, dtype=np.int64)]
     for s in range(0, len(histories), batch_size):
         h = torch.as_tensor(histories[s: s + batch_size])
         h = h[:, -max(1, int((h >= 0).sum(1).max())):]  # drop columns that are padding for the whole batch
@@ -68,7 +69,7 @@ def generate_topk(model: Recommender, trie: Trie, histories: np.ndarray, k: int,
 @torch.no_grad()
 def sasrec_topk(model: SASRec, histories: np.ndarray, k: int, batch_size: int = 512,
                 seen: list[np.ndarray] | None = None) -> np.ndarray:
-    out = []
+    out = [np.zeros((0, k), dtype=np.int64)]
     for s in range(0, len(histories), batch_size):
         scores = model.scores(torch.as_tensor(histories[s: s + batch_size]))  # (B, N)
         exclude = seen_mask(seen, slice(s, s + batch_size), model.n_items)

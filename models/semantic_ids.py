@@ -103,6 +103,9 @@ class PrefixTrie:
 
     def __init__(self, codes: np.ndarray, vocab_sizes: tuple[int, ...]):
         n, depth = codes.shape
+        if len(vocab_sizes) != depth or (codes < 0).any() or (codes >= np.asarray(vocab_sizes)).any():
+            raise ValueError(f"semantic ID codes must lie in [0, vocab size) at each of the {len(vocab_sizes)} "
+                             f"positions {tuple(vocab_sizes)}")
         self.depth, self.vocab, self.n_items = depth, max(vocab_sizes), n
         node_of = np.zeros(n, dtype=np.int64)  # each item's prefix node at the current depth (the root first)
         next_id, edges, node_depth = 1, [], [np.zeros(1, dtype=np.int64)]

@@ -84,3 +84,10 @@ def test_unique_assign_is_the_cheapest_one_to_one_matching():
         assert len(set(got.tolist())) == n  # one item per code
         best = min(cost[np.arange(n), list(p)].sum() for p in permutations(range(k), n))  # brute force
         assert cost[np.arange(n), got].sum() == pytest.approx(best)
+
+
+def test_codes_outside_their_vocabulary_are_refused():
+    with pytest.raises(ValueError, match="must lie in"):
+        PrefixTrie(np.array([[0, 1], [0, 5]]), (4, 4))  # 5 would alias into the next node's CSR run
+    with pytest.raises(ValueError, match="must lie in"):
+        PrefixTrie(np.array([[0, -1]]), (4, 4))

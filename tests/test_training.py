@@ -87,10 +87,11 @@ def test_two_nodes_read_only_their_shard_and_reach_one_process_weights(tmp_path,
     """Two "nodes" on loopback (torchrun --nnodes 2, c10d rendezvous, one process each), each with its own copy of
     the bundle, the data and the run directory (no shared disk): each rank reads half of the users, the main rank's
     checkpoint reaches the other through the process group on --resume, and the result equals one process's
-    weights. The run stops after 5 steps and resumes to the end of 2 epochs."""
+    weights and validation (on one sample of --valid-users). The run stops after 5 steps and resumes to the end of 2
+    epochs."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     exe = str(Path(sys.executable).with_name("genrec"))
-    train = ["train", "sft", "--max-epochs", "2", "--batch-size", "32", "--eval-every", "1"]
+    train = ["train", "sft", "--max-epochs", "2", "--batch-size", "32", "--eval-every", "1", "--valid-users", "64"]
     one = tmp_path / "one"
     shutil.copytree(tiny_bundle, one)
     run_cli(*train, "--bundle", one, "--data", tiny_data, "--run-dir", tmp_path / "run-one", env=env)
@@ -114,7 +115,10 @@ def test_two_nodes_read_only_their_shard_and_reach_one_process_weights(tmp_path,
     assert not Bundle.load(other / "bundle").has("recommender.safetensors")
     rows = [json.loads(line) for line in (main[0] / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in rows if "ndcg@10" in r]
-    assert len(evals) >= 2 and {r["users"] for r in evals} == {len(load_dataset(tiny_data).users)}  # shards cover all
+    assert len(evals) >= 2 and {r["users"] for r in evals} == {64}  # one sample of the whole split, over both shards
+    one_evals = [json.loads(line) for line in (tmp_path / "run-one" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["ndcg@10"] for r in evals if r["step"] > 5] == pytest.approx(
+        [r["ndcg@10"] for r in one_evals if "ndcg@10" in r], abs=1e-9)  # the same users, the same validation
     want = load_file(str(one / "recommender.safetensors"))
     got = load_file(str(main[0] / "bundle" / "recommender.safetensors"))
     for k in want:

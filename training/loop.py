@@ -61,13 +61,18 @@ def init_distributed() -> Dist:
     return Dist()
 
 
+def gather_objects(obj, d: Dist) -> list:
+    """Every rank's object, in rank order ([obj] on one process)."""
+    if d.world == 1:
+        return [obj]
+    parts = [None] * d.world
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
 def gather_ranks(ranks: np.ndarray, d: Dist) -> np.ndarray:
     """Every rank's array, concatenated in rank order (the identity on one process)."""
-    if d.world == 1:
-        return ranks
-    parts = [None] * d.world
-    dist.all_gather_object(parts, ranks)
-    return np.concatenate(parts)
+    return np.concatenate(gather_objects(ranks, d))
 
 
 def rank_metrics(ranks: np.ndarray, d: Dist) -> dict[str, float]:
@@ -97,10 +102,10 @@ def global_rows(keys: np.ndarray, lengths: np.ndarray, d: Dist) -> tuple[np.ndar
     """The rows of every rank in one order that does not depend on the number of ranks: keys (n, 2) sort them (e.g.
     the user's position in the dataset, then the window). Returns the lengths of all rows in that order, and for
     each of them this rank's row index, or -1 where another rank holds it."""
-    parts = [(keys, lengths)]
-    if d.world > 1:
-        parts = [None] * d.world
-        dist.all_gather_object(parts, (keys, lengths))
+    parts = gather_objects((keys, lengths), d)
+    if any(len(k) == 0 for k, _ in parts):  # every rank sees this, so every rank stops (none waits on the others)
+        raise ValueError(f"ranks {[r for r, (k, _) in enumerate(parts) if len(k) == 0]} of {len(parts)} hold no "
+                         "training rows: use fewer ranks than there are users with two or more items")
     all_keys = np.concatenate([k.reshape(-1, 2) for k, _ in parts])
     owner = np.repeat(np.arange(len(parts)), [len(k) for k, _ in parts])
     local = np.concatenate([np.arange(len(k)) for k, _ in parts])
@@ -231,7 +236,7 @@ def load_checkpoint(task: Task, run_dir: Path, recipe: dict, d: Dist = Dist()) -
         try:
             weights, state = read_checkpoint(run_dir)
             payload = (weights, state, torch.load(Path(run_dir) / CHECKPOINT / "optimizer.pt", weights_only=True))
-        except (FileNotFoundError, OSError, ValueError) as e:
+        except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it (or they wait forever)
             payload = e
     weights, state, rest = broadcast_from_main(payload, d)
     changed = {k for k in set(recipe) | set(state["recipe"]) if k not in LIMITS
@@ -454,7 +459,7 @@ class Supervised:
         out = self.forward(x)
         loss = out["loss"]
         if self.local is not None and self.d.world > 1:  # the mean over the whole batch's pairs, on every rank
-            pairs = torch.zeros(()) if empty else out["pairs"].float()
+            pairs = torch.zeros((), device=loss.device) if empty else out["pairs"].to(loss.device).float()
             total = torch.stack([pairs, loss.detach() * pairs])
             dist.all_reduce(total)
             loss = loss * pairs * self.d.world / total[0].clamp_min(1)  # DDP averages the ranks' gradients

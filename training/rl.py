@@ -191,7 +191,8 @@ class RlTask:
                  vectors: torch.Tensor, pairs, valid, cfg: RlConfig, ved: VedConfig, gamma: float,
                  reward_weights: tuple[float, ...], d: Dist):
         self.policy, self.value_head, self.trie, self.codes, self.vectors = policy, value_head, trie, codes, vectors
-        self.reference = copy.deepcopy(policy).requires_grad_(False)
+        # A frozen copy of the policy that shares its trie (one copy of the trie, however big the catalog).
+        self.reference = copy.deepcopy(policy, {id(policy.trie): policy.trie}).requires_grad_(False)
         self.pairs, self.valid, self.cfg, self.ved, self.gamma, self.reward_weights, self.d = \
             pairs, valid, cfg, ved, gamma, reward_weights, d
         # The reference is checkpointed too: the bundle may hold a later policy by the time a run resumes.

@@ -21,8 +21,8 @@ from genrec.evaluation import recommender_ranks, sasrec_ranks
 from genrec.models.loading import SASREC_FILE, load_trie
 from genrec.models.recommender import Recommender
 from genrec.models.sasrec import SASRec
-from genrec.training.loop import (Dist, LoopConfig, Supervised, init_distributed, load_best, run, run_summary,
-                                  supervised_loop)
+from genrec.training.loop import (Dist, LoopConfig, Supervised, gather_objects, init_distributed, load_best, run,
+                                  run_summary, supervised_loop)
 
 
 def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None, d: Dist):
@@ -36,13 +36,19 @@ def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None, d
 
 def _shard_data(ds: Dataset, fit: str, max_history: int, cfg: TrainConfig, d: Dist) -> tuple[np.ndarray, np.ndarray,
                                                                                            Split]:
-    """This rank's training windows, their keys (user position in the dataset, window), and validation users (a
-    seeded sample of valid_users split between the ranks)."""
+    """This rank's training windows, their keys (user position in the dataset, window), and its validation users:
+    those of its shard among one seeded sample of valid_users drawn over the whole split (what one process draws)."""
     windows, owner = train_windows(train_sequences(ds, fit), max_history, with_owner=True)
     nth = np.arange(len(owner)) - np.searchsorted(owner, owner)  # the window's rank within its user
     keys = np.stack([ds.positions[owner], nth], 1)
-    users = None if cfg.valid_users is None else -(-cfg.valid_users // d.world)
-    return windows, keys, eval_split(ds, "valid", max_history).sample(users, cfg.seed + d.rank)
+    valid = eval_split(ds, "valid", max_history)
+    if cfg.valid_users is None:
+        return windows, keys, valid
+    mine = ds.positions[[len(s) >= 3 for s in ds.sequences]]  # eval_split keeps these users, in this order
+    every = np.sort(np.concatenate(gather_objects(mine, d)))
+    chosen = every[np.sort(np.random.default_rng(cfg.seed).permutation(len(every))[: cfg.valid_users])]
+    keep = np.isin(mine, chosen)
+    return windows, keys, Split(valid.users[keep], valid.histories[keep], valid.targets[keep])
 
 
 def _loop(cfg: TrainConfig, max_steps: int | None, fit: str, bundle: Bundle, name: str) -> tuple[LoopConfig, dict]:

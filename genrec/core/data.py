@@ -156,7 +156,7 @@ def read_item_vectors(path: str | Path, catalog: Catalog) -> np.ndarray:
         if len(ids) != len(vectors) or len(np.unique(ids)) != len(ids):
             raise DatasetError(path, None, "item_ids must name each row's item once",
                                "store one distinct id per vector row")
-        missing = [i for i in catalog.ids.tolist() if i not in set(ids.tolist())]
+        missing = catalog.ids[~np.isin(catalog.ids, ids)].tolist()
         if missing:
             raise DatasetError(path, None, f"no vector for {len(missing)} catalog items (e.g. {missing[:5]})",
                                "give every item of the catalog a vector")
