@@ -64,6 +64,9 @@ class _Pending(Generic[P]):
         return self.deadline is not None and now >= self.deadline
 
 
+DEADLINE_SLACK_S = 0.05
+
+
 class MicroBatcher(Generic[P, R]):
     """submit(payload) blocks the calling (RPC) thread until its batch ran; run(list of payloads) -> list of results
     in the same order is called on the worker thread."""
@@ -119,7 +122,9 @@ class MicroBatcher(Generic[P, R]):
         self._drop(pending, time.monotonic())
 
     def _drop(self, pending: _Pending[P], now: float) -> None:
-        if pending.expired(now):
+        # gRPC ends a call at its own clock's deadline, which can fire a few ms before ours (taken when the request
+        # was queued): a call that ends that close to its deadline timed out, it was not cancelled.
+        if pending.expired(now + DEADLINE_SLACK_S):
             self._metrics.dropped.labels(self.name, "deadline").inc()
             pending.finish(error=DeadlineExpired(
                 f"the deadline passed while the request waited in the {self.name} queue; it was not computed: "
