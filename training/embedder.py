@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 from genrec.core.atomic import atomic_dir, atomic_file
 from genrec.core.config import EmbedderConfig, EmbedderTrainConfig
-from genrec.core.data import load_dataset, train_sequences
+from genrec.core.data import load_dataset, seeded_subset, train_sequences
 from genrec.evaluation import evaluate_retrieval, heldout_pairs
 from genrec.models.embedder import CONFIG_FILE
 from genrec.training.loop import (Dist, Supervised, barrier, broadcast_from_main, init_distributed, load_best,
@@ -241,7 +241,7 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     pairs = next_item_pairs(train_sequences(ds))
     valid = heldout_pairs(ds, "valid")
     if cfg.valid_users is not None and cfg.valid_users < len(valid):  # a seeded sample, in order
-        valid = valid[np.sort(np.random.default_rng(cfg.seed).permutation(len(valid))[: cfg.valid_users])]
+        valid = valid[seeded_subset(len(valid), cfg.valid_users, cfg.seed)]
     run_dir = Path(run_dir or Path("runs") / Path(out).name / "embedder")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)

@@ -16,7 +16,8 @@ from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import Preset, TrainConfig, load_preset
 import numpy as np
 
-from genrec.core.data import Dataset, Split, eval_split, load_dataset, train_sequences, train_windows
+from genrec.core.data import (Dataset, Split, eval_split, load_dataset, seeded_subset, train_sequences,
+                              train_windows)
 from genrec.evaluation import recommender_ranks, sasrec_ranks
 from genrec.models.loading import SASREC_FILE, load_trie
 from genrec.models.recommender import Recommender
@@ -46,7 +47,7 @@ def _shard_data(ds: Dataset, fit: str, max_history: int, cfg: TrainConfig, d: Di
         return windows, keys, valid
     mine = ds.positions[[len(s) >= 3 for s in ds.sequences]]  # eval_split keeps these users, in this order
     every = np.sort(np.concatenate(gather_objects(mine, d)))
-    chosen = every[np.sort(np.random.default_rng(cfg.seed).permutation(len(every))[: cfg.valid_users])]
+    chosen = every[seeded_subset(len(every), cfg.valid_users, cfg.seed)]  # what Split.sample draws in one process
     keep = np.isin(mine, chosen)
     return windows, keys, Split(valid.users[keep], valid.histories[keep], valid.targets[keep])
 

@@ -280,6 +280,11 @@ def load_dataset(folder: str | Path, shard: tuple[int, int] = (0, 1)) -> Dataset
     return Dataset(folder.name, catalog, users, sequences, shard)
 
 
+def seeded_subset(total: int, n: int, seed: int) -> np.ndarray:
+    """n of range(total), a seeded draw, ascending: the one sample of validation users every trainer takes."""
+    return np.sort(np.random.default_rng(seed).permutation(total)[:n])
+
+
 @dataclass
 class Split:
     """Evaluation examples: left-padded histories of catalog rows (-1 = padding) and their targets."""
@@ -292,7 +297,7 @@ class Split:
         """At most n examples, a seeded draw in the original order (None: all of them)."""
         if n is None or n >= len(self.targets):
             return self
-        pick = np.sort(np.random.default_rng(seed).permutation(len(self.targets))[:n])
+        pick = seeded_subset(len(self.targets), n, seed)
         return Split(self.users[pick], self.histories[pick], self.targets[pick])
 
 
