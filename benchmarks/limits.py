@@ -2,7 +2,8 @@
 
 Loads the bundle's Engine in-process (what the server runs per batch), times single calls with exclude_seen on a
 history of 20 items (the median of `--repeats`), and reports the largest beam width and VED budget whose call fits
-`--goal-ms`. The server's defaults (LimitsConfig: max_beam_width, max_ved_budget) come from this table on the Beauty
+`--goal-ms`. VED's rows also give the cost per forward (ms / budget), the curve that shows a round costs the same
+however large the tree has grown (issue 16 asks it flat within 2x from budget 16 to 1024). The server's defaults (LimitsConfig: max_beam_width, max_ved_budget) come from this table on the Beauty
 bundle; operators with other hardware or catalogs rerun it and pass their own limits.
 
     python benchmarks/limits.py --bundle bundles/beauty --goal-ms 250 --out results/limits.json
@@ -22,7 +23,7 @@ from genrec.core.atomic import write_json
 from genrec.server.engine import Engine, RecommendQuery, set_compute_threads
 
 BEAMS = (10, 20, 32, 50, 64, 100, 128, 200, 256)
-BUDGETS = (64, 128, 256, 512, 1024, 2048, 4096)
+BUDGETS = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 
 
 def timed(engine: Engine, query: RecommendQuery, repeats: int) -> float:
@@ -61,8 +62,9 @@ def main() -> None:
     if engine.value_head is not None:
         for budget in BUDGETS:
             ms = timed(engine, query(k=10, beam_width=20, strategy="ved", budget=budget), args.repeats)
-            rows.append({"strategy": "ved", "beam_width": 20, "budget": budget, "ms": ms})
-            print(f"ved   budget {budget:>5}          {ms:8.1f} ms")
+            rows.append({"strategy": "ved", "beam_width": 20, "budget": budget, "ms": ms,
+                         "ms_per_forward": ms / budget})
+            print(f"ved   budget {budget:>5}          {ms:8.1f} ms  {ms / budget:6.2f} ms per forward")
             if ms > 4 * args.goal_ms:
                 break
     fits = lambda s, key: max((r[key] for r in rows if r["strategy"] == s and r["ms"] <= args.goal_ms),  # noqa: E731
@@ -70,6 +72,10 @@ def main() -> None:
     report = {"bundle": str(args.bundle), "catalog": len(engine.catalog), "goal_ms": args.goal_ms,
               "threads": threads, "torch": torch.__version__, "machine": platform.platform(), "rows": rows,
               "max_beam_width": fits("beam", "beam_width"), "max_ved_budget": fits("ved", "budget")}
+    curve = [r["ms_per_forward"] for r in rows if r["strategy"] == "ved" and 16 <= r["budget"] <= 1024]
+    if curve:
+        report["ved_ms_per_forward_spread_16_1024"] = max(curve) / min(curve)
+        print(f"VED ms per forward, budget 16..1024: max / min = {max(curve) / min(curve):.2f}")
     print(f"within {args.goal_ms:.0f} ms: beam width <= {report['max_beam_width']}, "
           f"VED budget <= {report['max_ved_budget']}")
     write_json(args.out, report)

@@ -85,15 +85,18 @@ def pct(x: np.ndarray, q: float) -> float:
     return round(float(np.percentile(x, q)), 2)
 
 
-def measure(n_items: int, users: int, steps: int, clients: int, seconds: float, work: Path) -> dict:
+def measure(n_items: int, users: int, steps: int, clients: int, seconds: float, work: Path, reuse: bool) -> dict:
     data, bundle = work / f"data-{n_items}", work / f"bundle-{n_items}"
     row: dict = {"items": n_items, "users": users}
-    row["synth_s"] = round(genrec("data", "synth", "--out", str(data), "--items", str(n_items), "--users", str(users),
-                                  "--vector-dim", "32"), 1)
-    row["build_s"] = round(genrec("build", "--data", str(data), "--out", str(bundle), "--vectors",
-                                  str(data / "item_vectors.npy")), 1)
-    row["train_s"] = round(genrec("train", "sft", "--bundle", str(bundle), "--data", str(data), "--max-steps",
-                                  str(steps), "--valid-users", "256", "--run-dir", str(work / f"run-{n_items}")), 1)
+    if reuse and (bundle / "manifest.json").exists():  # serving measured again on a kept bundle
+        print(f"  reusing {bundle} (build and train times not measured)", flush=True)
+    else:
+        row["synth_s"] = round(genrec("data", "synth", "--out", str(data), "--items", str(n_items), "--users",
+                                      str(users), "--vector-dim", "32"), 1)
+        row["build_s"] = round(genrec("build", "--data", str(data), "--out", str(bundle), "--vectors",
+                                      str(data / "item_vectors.npy")), 1)
+        row["train_s"] = round(genrec("train", "sft", "--bundle", str(bundle), "--data", str(data), "--max-steps",
+                                      str(steps), "--valid-users", "256", "--run-dir", str(work / f"run-{n_items}")), 1)
     b = Bundle.load(bundle)
     row["bundle_mb"] = round(sum(f.stat().st_size for f in bundle.rglob("*") if f.is_file()) / 2**20, 1)
     row["index"] = resolve_factory(b.preset.index.factory, n_items)
@@ -144,6 +147,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="seconds per latency phase")
     ap.add_argument("--workdir", type=Path, default=Path("bench-scale"), help="data and bundles (deleted after)")
     ap.add_argument("--keep", action="store_true", help="keep the data and bundles")
+    ap.add_argument("--reuse", action="store_true", help="serve bundles kept by an earlier --keep run again "
+                    "(skips synth, build and training)")
     ap.add_argument("--out", type=Path, default=Path("results/scale.json"))
     args = ap.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
@@ -158,15 +163,15 @@ def main() -> None:
         for n in args.sizes:
             print(f"catalog of {n} items ...", flush=True)
             report["rows"].append(measure(n, max(1000, int(n * args.users_per_item)), args.steps, args.clients,
-                                          args.seconds, args.workdir))
+                                          args.seconds, args.workdir, args.reuse))
             write_json(args.out, report)
     finally:
-        if not args.keep:
+        if not (args.keep or args.reuse):
             shutil.rmtree(args.workdir, ignore_errors=True)
     print("".join(fmt.format(name) for _, name, fmt in cols))
     for r in report["rows"]:
-        print("".join(fmt.format(r[k] if not isinstance(r[k], float) or k != "search_recall@10" else f"{r[k]:.3f}")
-                      for k, _, fmt in cols))
+        cells = {k: f"{r[k]:.3f}" if k == "search_recall@10" else r.get(k, "-") for k, _, _ in cols}
+        print("".join(fmt.format(cells[k]) for k, _, fmt in cols))
     print(f"wrote {args.out}")
 
 

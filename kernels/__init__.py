@@ -2,7 +2,8 @@
 
 The dispatchers pick Triton for CUDA tensors and the reference for CPU tensors. GENREC_KERNELS=torch forces the
 reference everywhere (to compare on a GPU); GENREC_KERNELS=triton forces Triton (on CPU it then needs the Triton
-interpreter, TRITON_INTERPRET=1, which the tests use).
+interpreter, TRITON_INTERPRET=1, which the tests use). `warm_up` compiles every variant a server can need, so no
+request ever waits for a compilation.
 """
 
 from __future__ import annotations
@@ -11,11 +12,12 @@ import os
 
 import torch
 
-from genrec.kernels.constrained_topk import (constrained_topk_torch, constrained_topk_triton, masked_log_softmax,
-                                             valid_children_mask)
-from genrec.kernels.ved_scores import ved_scores_torch, ved_scores_triton
+from genrec.kernels.constrained_topk import (LAUNCHED, constrained_topk_torch, constrained_topk_triton, k_bucket,
+                                             masked_log_softmax, valid_children_mask)
+from genrec.kernels.ved_scores import node_priority_torch, node_priority_triton
 
-__all__ = ["constrained_topk", "ved_scores", "masked_log_softmax", "valid_children_mask", "use_triton"]
+__all__ = ["constrained_topk", "node_priority", "masked_log_softmax", "valid_children_mask", "use_triton",
+           "warm_up", "LAUNCHED"]
 
 
 def use_triton(t: torch.Tensor) -> bool:
@@ -32,10 +34,23 @@ def constrained_topk(logits, node, child_ptr, child_code, base, k: int, max_chil
     return constrained_topk_torch(logits, node, child_ptr, child_code, base, k)
 
 
-def ved_scores(logits, tnode, depth, value, visits, child_ptr, child_code, lam: float, beta: float, max_depth: int,
-               max_children: int | None = None):
-    """Entropy, priority G, UCB score and gate of every node of a batch of VED trees (see genrec.kernels.ved_scores)."""
+def node_priority(logits, node, value, child_ptr, child_code, lam: float, max_children: int | None = None):
+    """Entropy H over the valid children and priority G = value + lam * H of new VED nodes: (H (R,), G (R,))."""
     if use_triton(logits):
-        return ved_scores_triton(logits, tnode, depth, value, visits, child_ptr, child_code, lam, beta, max_depth,
-                                 max_children)
-    return ved_scores_torch(logits, tnode, depth, value, visits, child_ptr, child_code, lam, beta, max_depth)
+        return node_priority_triton(logits, node, value, child_ptr, child_code, lam, max_children)
+    return node_priority_torch(logits, node, value, child_ptr, child_code, lam)
+
+
+def warm_up(child_ptr: torch.Tensor, child_code: torch.Tensor, width: int, max_children: int) -> None:
+    """Launch every kernel variant a decoder over this trie can ask for: k up to the largest fan-out (no row has more
+    children to rank). A no-op where the reference runs."""
+    node = torch.zeros(1, dtype=torch.long, device=child_ptr.device)
+    logits = torch.zeros(1, width, device=child_ptr.device)
+    zero = torch.zeros(1, device=child_ptr.device)
+    k = 1
+    while True:
+        constrained_topk(logits, node, child_ptr, child_code, zero, k, max_children)
+        if k >= max_children:
+            break
+        k = k_bucket(k + 1)
+    node_priority(logits, node, zero, child_ptr, child_code, 0.1, max_children)

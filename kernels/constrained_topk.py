@@ -7,6 +7,10 @@ with p renormalised over the valid children, their codes, and -inf / -1 where a 
 
 `constrained_topk_torch` is the reference (and the CPU path); `constrained_topk_triton` fuses the gather, the masked
 log-softmax and the selection in one program per row, touching only the valid children.
+
+Compiled variants: k is a compile-time constant of the kernel, so it runs at k rounded up to a power of two (the
+extra columns are cut off): a server compiles log2(largest k) variants at warm-up, never one per beam width a client
+sends. `LAUNCHED` records every (kernel, constants) launched, for the test of that promise.
 """
 
 from __future__ import annotations
@@ -14,6 +18,13 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+LAUNCHED: set[tuple] = set()  # (kernel name, compile-time constants) of every Triton launch in this process
+
+
+def k_bucket(k: int) -> int:
+    """The compiled k that serves a request for k: the next power of two."""
+    return triton.next_power_of_2(max(int(k), 1))
 
 
 def csr_entries(node: torch.Tensor, child_ptr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -94,11 +105,12 @@ def constrained_topk_triton(logits: torch.Tensor, node: torch.Tensor, child_ptr:
     r, v = logits.shape
     if max_children is None:
         max_children = int((child_ptr[1:] - child_ptr[:-1]).max())
-    values = torch.empty(r, k, dtype=torch.float32, device=logits.device)
-    codes = torch.empty(r, k, dtype=torch.long, device=logits.device)
+    kb, block = k_bucket(k), triton.next_power_of_2(max(max_children, 2))
+    values = torch.empty(r, kb, dtype=torch.float32, device=logits.device)
+    codes = torch.empty(r, kb, dtype=torch.long, device=logits.device)
     if r:
         logits = logits if logits.stride(1) == 1 else logits.contiguous()
+        LAUNCHED.add(("constrained_topk", kb, block))
         _constrained_topk_kernel[(r,)](logits, logits.stride(0), node.contiguous(), child_ptr, child_code,
-                                       base.float().contiguous(), values, codes, K=k,
-                                       BLOCK=triton.next_power_of_2(max(max_children, 2)))
-    return values, codes
+                                       base.float().contiguous(), values, codes, K=kb, BLOCK=block)
+    return values[:, :k], codes[:, :k]

@@ -1,13 +1,18 @@
-"""VED node scoring, fused: for every node of every user's search tree, in one pass,
+"""VED node scoring (DESIGN.md, VED):
 
     H(s)    entropy of the policy's next-code distribution over the trie-valid children of s
     G(s)    = V(s) + lam * H(s)                                   (priority: high value and high uncertainty)
     U(s)    = G(s) + beta * sqrt(ln(N_root + 1) / (N(s) + 1))     (UCB score used by the selection walk)
     gate(s) = G(s) >= mean G of the live nodes at the depth of s in the same tree
 
-Layout: trees are (U users, C slots); slot 0 is the root. A slot is live where `tnode >= 0`; dead slots get zeros and
-gate False. `visits[:, 0]` is N_root. One Triton program scores one user's whole tree, so the per-depth means are
-computed in the same program. `ved_scores_torch` is the reference (and the CPU path).
+H and G of a node never change once it is forwarded (its logits and value are fixed), so VED computes them once, for
+the new nodes of a round: `node_priority` fuses the gather of a node's valid children, the masked log-softmax and the
+entropy, one program per node. What does change, the per-depth means and the visit counts, VED keeps as running sums
+and reads where its walk goes (genrec.models.ved). `ved_scores_torch` scores a whole forest from scratch: the
+definition, against which the incremental bookkeeping is tested.
+
+Compiled variants: the block is the trie's largest fan-out (fixed per bundle), so one compilation serves every batch,
+beam width and budget.
 """
 
 from __future__ import annotations
@@ -16,22 +21,72 @@ import torch
 import triton
 import triton.language as tl
 
-from genrec.kernels.constrained_topk import masked_log_softmax, valid_children_mask
+from genrec.kernels.constrained_topk import LAUNCHED, masked_log_softmax, valid_children_mask
 
 GATE_TOLERANCE = 1e-6  # G equal to its depth mean passes, whatever the summation order
+
+
+def node_priority_torch(logits: torch.Tensor, node: torch.Tensor, value: torch.Tensor, child_ptr: torch.Tensor,
+                        child_code: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Reference: logits (R, V), node (R,) long (-1 = dead), value (R,) -> H (R,), G (R,) (0 on dead rows)."""
+    logp = masked_log_softmax(logits, valid_children_mask(node, child_ptr, child_code, logits.shape[1]))
+    entropy = -torch.where(torch.isfinite(logp), logp.exp() * logp, torch.zeros_like(logp)).sum(-1)
+    live = node >= 0
+    entropy = torch.where(live, entropy, torch.zeros_like(entropy))
+    return entropy, torch.where(live, value.float() + lam * entropy, torch.zeros_like(entropy))
+
+
+@triton.jit
+def _node_priority_kernel(logits_ptr, stride_row, node_ptr, value_ptr, child_ptr_ptr, child_code_ptr, h_ptr, g_ptr,
+                          lam, BLOCK_F: tl.constexpr):
+    row = tl.program_id(0)
+    node = tl.load(node_ptr + row)
+    live = node >= 0
+    node = tl.maximum(node, 0)
+    start = tl.load(child_ptr_ptr + node)
+    count = tl.where(live, tl.load(child_ptr_ptr + node + 1) - start, 0)
+    f = tl.arange(0, BLOCK_F)
+    real = f < count
+    code = tl.load(child_code_ptr + start + f, mask=real, other=0)
+    x = tl.load(logits_ptr + row * stride_row + code, mask=real, other=float("-inf")).to(tl.float32)
+    top = tl.max(x, 0)
+    shift = tl.where(top > float("-inf"), top, 0.0)
+    lse = shift + tl.log(tl.maximum(tl.sum(tl.exp(x - shift), 0), 1e-30))  # a node with no valid child: finite
+    ok = real & (x > float("-inf"))
+    logp = tl.where(ok, x - lse, 0.0)
+    entropy = tl.where(live, -tl.sum(tl.where(ok, tl.exp(logp) * logp, 0.0), 0), 0.0)
+    value = tl.load(value_ptr + row).to(tl.float32)
+    tl.store(h_ptr + row, entropy)
+    tl.store(g_ptr + row, tl.where(live, value + lam * entropy, 0.0))
+
+
+def node_priority_triton(logits: torch.Tensor, node: torch.Tensor, value: torch.Tensor, child_ptr: torch.Tensor,
+                         child_code: torch.Tensor, lam: float, max_children: int | None = None):
+    """The fused kernel; same contract as the reference. `max_children` sizes the block (pass it: no device sync)."""
+    r = logits.shape[0]
+    if max_children is None:
+        max_children = int((child_ptr[1:] - child_ptr[:-1]).max())
+    h = torch.empty(r, dtype=torch.float32, device=logits.device)
+    g = torch.empty(r, dtype=torch.float32, device=logits.device)
+    if r:
+        logits = logits if logits.stride(1) == 1 else logits.contiguous()
+        block = triton.next_power_of_2(max(max_children, 2))
+        LAUNCHED.add(("node_priority", block))
+        _node_priority_kernel[(r,)](logits, logits.stride(0), node.contiguous(), value.float().contiguous(),
+                                    child_ptr, child_code, h, g, float(lam), BLOCK_F=block)
+    return h, g
 
 
 def ved_scores_torch(logits: torch.Tensor, tnode: torch.Tensor, depth: torch.Tensor, value: torch.Tensor,
                      visits: torch.Tensor, child_ptr: torch.Tensor, child_code: torch.Tensor, lam: float, beta: float,
                      max_depth: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits (U, C, V); tnode, depth, visits (U, C) long; value (U, C) float -> H, G, U, gate (U, C)."""
+    """Every node of a forest from scratch: logits (U, C, V); tnode, depth, visits (U, C) long; value (U, C) float ->
+    H, G, U, gate (U, C). Slot 0 of a tree is its root; dead slots (tnode -1) get zeros and gate False."""
     u, c, v = logits.shape
     live = tnode >= 0
-    logp = masked_log_softmax(logits.reshape(u * c, v),
-                              valid_children_mask(tnode.reshape(-1), child_ptr, child_code, v)).view(u, c, v)
-    p = logp.exp()
-    entropy = -(p * torch.where(p > 0, logp, torch.zeros_like(logp))).sum(-1)
-    g = torch.where(live, value.float() + lam * entropy, torch.zeros_like(entropy))
+    entropy, g = node_priority_torch(logits.reshape(u * c, v), tnode.reshape(-1), value.reshape(-1), child_ptr,
+                                     child_code, lam)
+    entropy, g = entropy.view(u, c), g.view(u, c)
     threshold = torch.zeros_like(g)
     for d in range(max_depth + 1):
         at = live & (depth == d)
@@ -39,67 +94,4 @@ def ved_scores_torch(logits: torch.Tensor, tnode: torch.Tensor, depth: torch.Ten
         threshold = torch.where(at, mean.expand_as(g), threshold)
     n_root = visits[:, :1].float()
     ucb = g + beta * torch.sqrt(torch.log(n_root + 1) / (visits.float() + 1))
-    zero = torch.zeros_like(g)
-    return (torch.where(live, entropy, zero), g, torch.where(live, ucb, zero),
-            live & (g >= threshold - GATE_TOLERANCE))
-
-
-@triton.jit
-def _ved_scores_kernel(logits_ptr, tnode_ptr, depth_ptr, value_ptr, visits_ptr, child_ptr_ptr, child_code_ptr,
-                       h_ptr, g_ptr, u_ptr, gate_ptr, C, V, lam, beta,
-                       MAX_DEPTH: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_F: tl.constexpr):
-    user = tl.program_id(0)
-    slot = tl.arange(0, BLOCK_C)
-    in_range = slot < C
-    base = user * C + slot
-    tnode = tl.load(tnode_ptr + base, mask=in_range, other=-1)
-    live = tnode >= 0
-    node = tl.maximum(tnode, 0)
-    start = tl.load(child_ptr_ptr + node, mask=live, other=0)
-    count = tl.where(live, tl.load(child_ptr_ptr + node + 1, mask=live, other=0) - start, 0)
-    f = tl.arange(0, BLOCK_F)
-    real = f[None, :] < count[:, None]  # (BLOCK_C, BLOCK_F)
-    code = tl.load(child_code_ptr + start[:, None] + f[None, :], mask=real, other=0)
-    x = tl.load(logits_ptr + base[:, None] * V + code, mask=real, other=float("-inf")).to(tl.float32)
-    top = tl.max(x, 1)
-    shift = tl.where(top > float("-inf"), top, 0.0)
-    e = tl.exp(x - shift[:, None])
-    total = tl.sum(e, 1)
-    lse = shift + tl.log(tl.maximum(total, 1e-30))  # a node with no valid child: finite
-    ok = real & (x > float("-inf"))
-    logp = tl.where(ok, x - lse[:, None], 0.0)
-    entropy = tl.where(live, -tl.sum(tl.where(ok, tl.exp(logp) * logp, 0.0), 1), 0.0)
-    value = tl.load(value_ptr + base, mask=in_range, other=0.0).to(tl.float32)
-    g = tl.where(live, value + lam * entropy, 0.0)
-    depth = tl.load(depth_ptr + base, mask=in_range, other=-1)
-    threshold = tl.zeros([BLOCK_C], dtype=tl.float32)
-    for d in tl.static_range(MAX_DEPTH + 1):
-        at = live & (depth == d)
-        n = tl.sum(at.to(tl.float32), 0)
-        mean = tl.sum(tl.where(at, g, 0.0), 0) / tl.maximum(n, 1.0)
-        threshold = tl.where(at, mean, threshold)
-    visits = tl.load(visits_ptr + base, mask=in_range, other=0).to(tl.float32)
-    n_root = tl.load(visits_ptr + user * C).to(tl.float32)
-    ucb = tl.where(live, g + beta * tl.sqrt(tl.log(n_root + 1.0) / (visits + 1.0)), 0.0)
-    gate = live & (g >= threshold - 1e-6)  # GATE_TOLERANCE
-    tl.store(h_ptr + base, entropy, mask=in_range)
-    tl.store(g_ptr + base, g, mask=in_range)
-    tl.store(u_ptr + base, ucb, mask=in_range)
-    tl.store(gate_ptr + base, gate.to(tl.int8), mask=in_range)
-
-
-def ved_scores_triton(logits: torch.Tensor, tnode: torch.Tensor, depth: torch.Tensor, value: torch.Tensor,
-                      visits: torch.Tensor, child_ptr: torch.Tensor, child_code: torch.Tensor, lam: float, beta: float,
-                      max_depth: int, max_children: int | None = None):
-    """The fused kernel; same contract as the reference."""
-    u, c, v = logits.shape
-    if max_children is None:
-        max_children = int((child_ptr[1:] - child_ptr[:-1]).max())
-    out = [torch.empty(u, c, dtype=torch.float32, device=logits.device) for _ in range(3)]
-    gate = torch.empty(u, c, dtype=torch.int8, device=logits.device)
-    if u and c:
-        _ved_scores_kernel[(u,)](logits.contiguous(), tnode.contiguous(), depth.contiguous(), value.contiguous(),
-                                 visits.contiguous(), child_ptr, child_code, *out, gate, c, v, float(lam), float(beta),
-                                 MAX_DEPTH=max_depth, BLOCK_C=triton.next_power_of_2(max(c, 2)),
-                                 BLOCK_F=triton.next_power_of_2(max(max_children, 2)))
-    return (*out, gate.bool())
+    return entropy, g, torch.where(live, ucb, torch.zeros_like(g)), live & (g >= threshold - GATE_TOLERANCE)

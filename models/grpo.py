@@ -5,7 +5,9 @@ find fewer than G distinct items), and the trie path of each candidate, nodes (U
 of depth 1 .. D - 1, and the item (a leaf) last, offset by the number of inner nodes so that every key is distinct.
 
   rewards            exact hit ("rule"), MiniOneRec's / V-STAR's ndcg_rule penalty, our ranking variant, semantic
-                     cosine, combined with weights
+                     cosine, combined with weights; each against a window of the user's next items (U, H): the
+                     target alone (H = 1, the next-item reward), or the horizon reward's next H items, where the
+                     exact hit becomes sum over h of discount^(h-1) * [item == s(t+h)] and a hit is any window item
   group_advantages   each candidate against its own group: (R - mean) / (std + eps)
   sibling_advantages each (parent prefix, child code) node against its siblings: the children of the same parent
                      that some candidate of the same context took, where the parent has at least two of them
@@ -19,9 +21,27 @@ import torch
 EPS = 1e-4
 
 
+def _window(target: torch.Tensor) -> torch.Tensor:
+    """(U,) targets or (U, H) windows (-1 = no item) -> (U, H)."""
+    return target[:, None] if target.dim() == 1 else target
+
+
+def _hits(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """(U, G) bool: the candidate is the target (or an item of the window)."""
+    return ((items[:, :, None] == _window(target)[:, None, :]) & (items[:, :, None] >= 0)).any(2)
+
+
 def exact_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """(U, G) candidates, (U,) targets -> 1 for the target item, 0 otherwise."""
     return (items == target[:, None]).float()
+
+
+def horizon_reward(items: torch.Tensor, window: torch.Tensor, discounts: tuple[float, ...]) -> torch.Tensor:
+    """(U, G) candidates, (U, H) next items (-1 = none) -> sum over h of discounts[h] * [item == window[:, h]]: the
+    discounted hit over the user's next H interactions (with H = 1 and discounts (1,), the exact reward)."""
+    w = torch.as_tensor(discounts, dtype=torch.float32, device=items.device)[: window.shape[1]]
+    match = (items[:, :, None] == window[:, None, :]) & (window[:, None, :] >= 0)
+    return (match.float() * w).sum(2)
 
 
 def ndcg_rule_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -31,7 +51,7 @@ def ndcg_rule_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     reward (`exact_reward`) it is their training reward. Empty slots (-1) earn 0."""
     g = items.shape[1]
     discount = 1.0 / torch.log2(torch.arange(g, device=items.device, dtype=torch.float32) + 2)  # (G,)
-    hit = items == target[:, None]
+    hit = _hits(items, target)
     penalise = (items >= 0) & ~hit & hit.any(1, keepdim=True)
     return torch.where(penalise, -(discount / discount.sum())[None], 0.0)
 
@@ -43,7 +63,7 @@ def ranking_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     everywhere: penalising its top candidates would only flatten the policy where it has nothing to learn from.
     Candidates must come ordered by the decoder's score (rank 1 first); empty slots earn 0."""
     g = items.shape[1]
-    hit = items == target[:, None]
+    hit = _hits(items, target)
     rank = torch.arange(1, g + 1, device=items.device, dtype=torch.float32)
     hit_rank = hit.float().argmax(1).float() + 1
     wrong = (items >= 0) & ~hit & (rank[None] < hit_rank[:, None]) & hit.any(1, keepdim=True)
@@ -53,15 +73,18 @@ def ranking_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def cosine_reward(items: torch.Tensor, target: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """Cosine between each candidate's item vector and the target's (vectors L2-normalised); empty slots earn 0."""
-    cos = (vectors[items.clamp_min(0)] * vectors[target][:, None]).sum(-1)
+    """Cosine between each candidate's item vector and the target's (vectors L2-normalised; a window's first item);
+    empty slots earn 0."""
+    cos = (vectors[items.clamp_min(0)] * vectors[_window(target)[:, 0]][:, None]).sum(-1)
     return torch.where(items >= 0, cos, 0.0)
 
 
 def combined_reward(items: torch.Tensor, target: torch.Tensor, weights: dict[str, float],
-                    vectors: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_k weights[k] * reward_k over 'exact', 'ndcg_rule', 'ranking' and 'cosine'."""
-    parts = {"exact": lambda: exact_reward(items, target), "ndcg_rule": lambda: ndcg_rule_reward(items, target),
+                    vectors: torch.Tensor | None = None, discounts: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+    """sum_k weights[k] * reward_k over 'exact', 'ndcg_rule', 'ranking' and 'cosine'. target: (U,) next items, or
+    (U, H) windows, where 'exact' is the horizon reward with these discounts."""
+    parts = {"exact": lambda: horizon_reward(items, _window(target), discounts),
+             "ndcg_rule": lambda: ndcg_rule_reward(items, target),
              "ranking": lambda: ranking_reward(items, target),
              "cosine": lambda: cosine_reward(items, target, vectors)}
     unknown = set(weights) - set(parts)

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from genrec.kernels import constrained_topk, valid_children_mask
+from genrec.kernels import constrained_topk, node_priority, valid_children_mask, warm_up
 from genrec.kernels.constrained_topk import csr_entries
 
 
@@ -85,8 +85,23 @@ class Trie(nn.Module):
         return valid_children_mask(node, self.child_ptr, self.child_code, width)
 
     def topk(self, logits: torch.Tensor, node: torch.Tensor, base: torch.Tensor, k: int):
-        """Top-k of base + constrained log-probability over each row's valid children (Triton on CUDA)."""
-        return constrained_topk(logits, node, self.child_ptr, self.child_code, base, k, self.max_children)
+        """Top-k of base + constrained log-probability over each row's valid children (Triton on CUDA). No node has
+        more than max_children, so the kernel never runs wider than that (a fixed set of compiled variants, whatever
+        k a client asks for); the columns beyond are -inf / -1."""
+        kk = min(k, self.max_children)
+        values, codes = constrained_topk(logits, node, self.child_ptr, self.child_code, base, kk, self.max_children)
+        if kk < k:
+            values = torch.cat([values, values.new_full((len(values), k - kk), float("-inf"))], 1)
+            codes = torch.cat([codes, codes.new_full((len(codes), k - kk), -1)], 1)
+        return values, codes
+
+    def priority(self, logits: torch.Tensor, node: torch.Tensor, value: torch.Tensor, lam: float):
+        """VED's entropy over each row's valid children and priority G = value + lam * H: (H (R,), G (R,))."""
+        return node_priority(logits, node, value, self.child_ptr, self.child_code, lam, self.max_children)
+
+    def warm_up_kernels(self) -> None:
+        """Compile every kernel variant decoding over this trie can ask for (a no-op where the reference runs)."""
+        warm_up(self.child_ptr, self.child_code, self.vocab, self.max_children)
 
     def exclusion(self, seen: torch.Tensor | Sequence[Sequence[int] | None]) -> "Exclusion":
         """The items each row must never get back: a (B, S) tensor of catalog rows (-1 = padding) or one list per

@@ -62,6 +62,23 @@ def level_rewards(generated: torch.Tensor, target: torch.Tensor, cosine: torch.T
     return torch.where(matched, w, -w * (1 - cosine.float().clamp(-1, 1)).unsqueeze(1))
 
 
+def window_level_rewards(generated: torch.Tensor, window: torch.Tensor, codes: torch.Tensor, vectors: torch.Tensor,
+                         items: torch.Tensor, weights: tuple[float, ...],
+                         discounts: tuple[float, ...]) -> torch.Tensor:
+    """The dense reward against a window of next items (DESIGN.md, Rewards): generated (R, D) codes of items (R,),
+    window (R, H) next items (-1 = none), codes (N, D) every item's codes, vectors (N, d) unit item vectors ->
+    (R, D) sum over h of discounts[h] * level_rewards(generated, window item h). One item ahead (H = 1): the
+    next-item reward."""
+    total = torch.zeros(generated.shape, device=generated.device)
+    for h in range(window.shape[1]):
+        target = window[:, h]
+        present = (target >= 0).float()[:, None]
+        t = target.clamp_min(0)
+        cosine = (vectors[items] * vectors[t]).sum(1)
+        total = total + discounts[h] * present * level_rewards(generated, codes[t], cosine, weights)
+    return total
+
+
 def td_targets(values: torch.Tensor, rewards: torch.Tensor, gamma: float) -> torch.Tensor:
     """values: (R, D) V(s_0..s_{D-1}); rewards: (R, D) r_1..r_D -> (R, D) targets r_l + gamma * V(s_{l+1}), with
     r_0 = 0 for the root and V(s_D) = r_D for the complete item."""

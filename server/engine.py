@@ -276,8 +276,10 @@ class Engine:
                 if r >= 0]
 
     def warm_up(self) -> None:
-        """Run every path once (allocations, lazy inits, first-call overheads) before taking traffic."""
+        """Run every path once (allocations, lazy inits, first-call overheads, kernel compilations) before taking
+        traffic."""
         if self.model is not None:
+            self.trie.warm_up_kernels()
             first = np.zeros(1, dtype=np.int64)
             k = max(1, min(10, len(self.catalog) - 1))
             self.recommend([RecommendQuery(first, first, k, max(k, self.default_beam_width), True)])

@@ -131,3 +131,21 @@ def test_split_sample_is_seeded_and_keeps_order(tmp_path):
     rows = np.searchsorted(split.users, a.users)
     assert np.array_equal(split.histories[rows], a.histories) and np.array_equal(split.targets[rows], a.targets)
     assert split.sample(None) is split and split.sample(10_000) is split
+
+
+def test_horizon_pairs_and_the_window_split_keep_the_held_out_items_out():
+    from genrec.core.data import Catalog, Dataset, Item, train_pairs, window_split
+
+    cat = Catalog([Item(i, str(i), (), str(i)) for i in range(30)])
+    ds = Dataset("x", cat, np.array([9, 10]), [np.arange(10), np.array([20, 21, 22])])
+    pairs = train_pairs(train_sequences(ds), max_history=4, horizon=2)
+    # user 0 trains on items 0..7: contexts end at 1..7, each window = the next two items within the training part
+    first = pairs.users == 0
+    assert pairs.window[first].tolist() == [[t, t + 1 if t < 7 else -1] for t in range(1, 8)]
+    assert (pairs.targets == pairs.window[:, 0]).all() and pairs.histories[first][-1].tolist() == [3, 4, 5, 6]
+    assert not np.isin(pairs.window, [8, 9, 21, 22]).any()  # never a validation or test item
+    assert train_pairs(train_sequences(ds), 4).window is None  # next item only: no window
+    w = window_split(ds, max_history=4)
+    assert w.window.tolist() == [[8, 9], [21, 22]] and w.targets.tolist() == [8, 21]
+    assert w.histories.tolist() == [[4, 5, 6, 7], [-1, -1, -1, 20]]
+    assert w.sample(1, 0).window.shape == (1, 2)

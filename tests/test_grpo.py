@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from genrec.core.config import RlConfig
-from genrec.models.grpo import (EPS, combined_reward, exact_reward, group_advantages, k3_kl, ndcg_rule_reward,
-                                policy_ratio_loss, ranking_reward, sibling_advantages)
+from genrec.core.config import RewardConfig, RlConfig
+from genrec.models.grpo import (EPS, combined_reward, exact_reward, group_advantages, horizon_reward, k3_kl,
+                                ndcg_rule_reward, policy_ratio_loss, ranking_reward, sibling_advantages)
 
 
 def paths(*rows):
@@ -116,3 +116,20 @@ def test_ppo_clip_by_hand():
     assert policy_ratio_loss(logp, old, adv, None).tolist() == pytest.approx([-1.5, 0.5])
     # clipped: a positive advantage gains at most 1.2, a negative one loses at least 0.8 times the advantage
     assert policy_ratio_loss(logp, old, adv, 0.2).tolist() == pytest.approx([-1.2, 0.8])
+
+
+def test_horizon_reward_by_hand():
+    """r = sum over h of gamma^(h-1) [item == s(t+h)], H = 2, gamma = 0.7: 1 for the next item, 0.7 for the one after,
+    nothing for items further on or for padding; with one item ahead it is the exact reward."""
+    items = torch.tensor([[5, 7, 3, -1], [2, 9, 4, 1]])
+    window = torch.tensor([[3, 7], [4, -1]])  # user 1's sequence ends after its next item
+    got = horizon_reward(items, window, (1.0, 0.7))
+    assert torch.allclose(got, torch.tensor([[0.0, 0.7, 1.0, 0.0], [0.0, 0.0, 1.0, 0.0]]))
+    assert torch.equal(horizon_reward(items, window[:, :1], (1.0,)), exact_reward(items, window[:, 0]))
+    # In a combined reward the window decides what a hit is: the ndcg_rule penalty applies to user 0's group,
+    # which holds window items at ranks 1 and 2, so only ranks 0 (and not the empty slot) pay.
+    total = combined_reward(items, window, {"exact": 1.0, "ndcg_rule": 1.0}, discounts=(1.0, 0.7))
+    d = [1 / math.log2(i + 2) for i in range(4)]
+    assert total[0].tolist() == pytest.approx([-d[0] / sum(d), 0.7, 1.0, 0.0], abs=1e-5)
+    assert RewardConfig(kind="horizon").discounts == pytest.approx((1.0, 0.7))
+    assert RewardConfig().discounts == (1.0,)  # the default is the next-item reward

@@ -7,10 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from genrec.kernels import constrained_topk, ved_scores
+from genrec.kernels import LAUNCHED, constrained_topk, node_priority
 from genrec.kernels.constrained_topk import constrained_topk_torch, constrained_topk_triton, masked_log_softmax
-from genrec.kernels.ved_scores import ved_scores_torch, ved_scores_triton
+from genrec.kernels.ved_scores import node_priority_torch, node_priority_triton, ved_scores_torch
 from genrec.models.semantic_ids import PrefixTrie
+from genrec.models.trie import Trie
 
 
 def csr(trie: PrefixTrie):
@@ -101,22 +102,37 @@ def random_forest(trie: PrefixTrie, users: int, slots: int, seed: int):
 
 
 @pytest.mark.parametrize("users,slots", [(1, 1), (3, 5), (2, 17), (5, 9)])
-def test_ved_scores_match_reference(odd_trie, users, slots):
+def test_node_priority_matches_reference(odd_trie, users, slots):
     logits, tnode, depth, value, visits = random_forest(odd_trie, users, slots, seed=users * 100 + slots)
     logits[0, -1, :2] = float("-inf")
-    if slots > 2:
-        value[0, 1] = value[0, 2] = 0.5  # two nodes with equal G at one depth
-        tnode[0, 1], tnode[0, 2] = 1, 1
-        depth[0, 1], depth[0, 2] = 1, 1
-        logits[0, 2] = logits[0, 1]
-    args = (*csr(odd_trie), 0.1, 1.0, odd_trie.depth)
-    want = ved_scores_torch(logits, tnode, depth, value, visits, *args)
-    got = ved_scores_triton(logits, tnode, depth, value, visits, *args)
-    for name, a, b in zip(["entropy", "G", "U"], got[:3], want[:3]):
+    logits[-1, 0] = float("-inf")  # a node whose every logit is -inf (all children excluded)
+    rows = (logits.view(users * slots, -1), tnode.view(-1), value.view(-1), *csr(odd_trie), 0.1)
+    want = node_priority_torch(*rows)
+    got = node_priority_triton(*rows)
+    for name, a, b in zip(["entropy", "G"], got, want):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5, msg=name)
-    assert torch.equal(got[3], want[3])
-    if slots > 2:  # equal G, equal fate
-        assert got[3][0, 1] == got[3][0, 2]
+    assert (want[0][tnode.view(-1) < 0] == 0).all() and (want[1][tnode.view(-1) < 0] == 0).all()
+
+
+def test_kernel_variants_are_compiled_at_warm_up_only(odd_trie, monkeypatch):
+    """A server warms the kernels up once; then no beam width, k or batch a client sends launches a new variant
+    (each would be a compilation on the request path on a GPU)."""
+    monkeypatch.setenv("GENREC_KERNELS", "triton")
+    trie = Trie.from_prefix_trie(odd_trie)
+    LAUNCHED.clear()
+    trie.warm_up_kernels()
+    warmed = set(LAUNCHED)
+    assert trie.max_children == 7 and {v[1] for v in warmed if v[0] == "constrained_topk"} == {1, 2, 4, 8}
+    assert len([v for v in warmed if v[0] == "node_priority"]) == 1
+    g = torch.Generator().manual_seed(0)
+    for k in range(1, 21):
+        node = all_rows(odd_trie)[: 1 + k % 7]
+        logits = torch.randn(len(node), 7, generator=g)
+        values, codes = trie.topk(logits, node, torch.zeros(len(node)), k)
+        want = constrained_topk_torch(logits, node, *csr(odd_trie), torch.zeros(len(node)), k)
+        assert codes.shape == (len(node), k) and torch.equal(codes, want[1])
+        trie.priority(logits, node, torch.zeros(len(node)), 0.1)
+    assert LAUNCHED == warmed
 
 
 def test_ved_scores_reference_by_hand(odd_trie):
@@ -152,7 +168,7 @@ def test_dispatch_uses_the_reference_on_cpu_and_triton_when_forced(odd_trie, mon
     assert torch.equal(ref[1], forced[1]) and torch.allclose(ref[0], forced[0], atol=1e-5)
     monkeypatch.setenv("GENREC_KERNELS", "bogus")
     with pytest.raises(ValueError, match="GENREC_KERNELS"):
-        ved_scores(*random_forest(odd_trie, 1, 2, 0), *csr(odd_trie), 0.1, 1.0, 3)
+        node_priority(torch.zeros(1, 7), torch.zeros(1, dtype=torch.long), torch.zeros(1), *csr(odd_trie), 0.1)
 
 
 def test_itertools_full_trie_every_child_valid():

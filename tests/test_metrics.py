@@ -1,6 +1,7 @@
 import math
 
 import numpy as np
+import pytest
 
 from genrec.core.metrics import hit_ranks, ranking_metrics
 
@@ -31,3 +32,17 @@ def test_padding_is_a_miss_and_a_duplicate_hit_counts_once():
 
 def test_empty_input():
     assert ranking_metrics(np.zeros((0, 10), dtype=int), np.zeros(0, dtype=int))["ndcg@10"] == 0.0
+
+
+def test_window_metrics_by_hand():
+    """Gain 1 per window item in the list, ideal DCG over the window; a repeated item counts once; a window of one
+    item (the sequence ended) is judged on that item alone."""
+    from genrec.core.metrics import window_metrics
+
+    top = np.array([[5, 3, 7, 1], [1, 2, 3, 4], [9, 9, 8, 0], [6, 0, 2, 3]])
+    window = np.array([[3, 5], [8, 9], [9, -1], [2, 7]])
+    got = window_metrics(top, window, ks=(4,))
+    ideal2 = 1 + 1 / math.log2(3)
+    ndcg = [1.0, 0.0, 1.0, (1 / math.log2(4)) / ideal2]
+    assert got["window_ndcg@4"] == pytest.approx(sum(ndcg) / 4)
+    assert got["window_recall@4"] == pytest.approx((1 + 0 + 1 + 0.5) / 4)

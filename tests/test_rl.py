@@ -158,3 +158,35 @@ def test_two_ranks_train_like_one(tmp_path, demo_bundle, demo_data):
         torch.testing.assert_close(ck2["policy"][name], p, atol=3e-5, rtol=1e-4, msg=name)
         moved = max(moved, float((p - ck1["reference"][name]).abs().max()))
     assert moved > 1e-4  # the two steps did move the policy
+
+
+@pytest.mark.parametrize("horizon", [False, True])
+def test_a_step_raises_the_log_probability_of_rewarded_candidates(setup, horizon):
+    """What RL is for: after one step, candidates that earned more than their group are more probable under the
+    policy, and those that earned less are less probable (next-item reward, and the horizon reward, where the item
+    two steps ahead earns gamma = 0.7)."""
+    from genrec.training.rl import _candidate_logp
+
+    policy, trie, vectors, codes, history, target = setup
+    policy = copy.deepcopy(policy)
+    head = ValueHead(policy.cfg.d_model)
+    cfg = RlConfig(rollout="beam", group_size=4, rewards={"exact": 1.0, "ndcg_rule": 1.0}, lr=1e-3)
+    beam = _beam(policy, trie, history)
+    window = torch.stack([beam[:, 2], beam[:, 1] if horizon else torch.full_like(target, -1)], 1)
+    r = make_rollouts(policy, copy.deepcopy(policy), head, trie, history, window, codes, vectors, cfg, VedConfig(),
+                      torch.Generator().manual_seed(1), 1, (0.3, 0.5, 1.0), (1.0, 0.7))
+    assert (r.rewards == 0.7).any() == horizon
+    before = _candidate_logp(policy, history, r.codes)[0].sum(-1)
+    opt = torch.optim.AdamW([*policy.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)
+    rl_step(policy, head, opt, r, cfg, 0.99, Dist())
+    with torch.no_grad():
+        change = _candidate_logp(policy, history, r.codes)[0].sum(-1) - before
+    up, down = r.valid & (r.group_adv > 0), r.valid & (r.group_adv < 0)
+    assert up.any() and down.any()
+    assert (change[up] > 0).float().mean() >= 0.75 and (change[down] < 0).float().mean() >= 0.75
+    assert change[up].mean() > 0 > change[down].mean()
+
+
+def _beam(policy, trie, history):
+    from genrec.models.decoding import beam_search
+    return beam_search(policy, trie, history, 4, 4).items

@@ -1,5 +1,5 @@
 """`genrec train value` through the CLI: the head lands in the bundle, and a resumed run ends exactly where an
-uninterrupted one does. (Whether V separates hits from misses is measured on real data: benchmarks, README.)"""
+uninterrupted one does, and V separates the rollouts that hit from those that miss (AUC above chance)."""
 
 import json
 import os
@@ -36,7 +36,7 @@ def test_value_training_learns_and_resumes_exactly(tmp_path, demo_bundle, demo_d
     assert [r["epoch"] for r in a] == [1, 2, 3] and a == b  # same steps, same validation numbers
     # Validation is measured, not assumed: the policy's rollouts hit sometimes, and V has a side for each.
     assert 0 < a[-1]["hit_rate"] < 1 and np.isfinite([a[-1]["value_hit"], a[-1]["value_miss"]]).all()
-    assert 0 <= a[-1]["value_auc"] <= 1 and a[-1]["valid_td_loss"] > 0
+    assert a[-1]["value_auc"] > 0.6 and a[-1]["valid_td_loss"] > 0  # V tells hits from misses, above chance
     head = load_value_head(Bundle.load(whole))
     assert head.d_model == load_recommender(Bundle.load(whole)).cfg.d_model
     assert (tmp_path / "r1" / "curves.png").stat().st_size > 0

@@ -11,8 +11,9 @@ from genrec.core.config import RecommenderConfig, SemanticIdConfig, VedConfig
 from genrec.models.decoding import Trie, beam_search
 from genrec.models.recommender import Recommender
 from genrec.models.semantic_ids import PrefixTrie, build_semantic_ids
-from genrec.models.value import ValueHead, level_rewards, td_targets
-from genrec.models.ved import beam_budget, ved_decode
+from genrec.models.value import ValueHead, level_rewards, td_targets, window_level_rewards
+from genrec.kernels.ved_scores import ved_scores_torch
+from genrec.models.ved import beam_budget, grow_forest, ved_decode
 
 N_ITEMS = 300
 
@@ -35,7 +36,7 @@ def setup():
 
 
 class CountingModel:
-    """Wraps the recommender and counts the prefixes it is run on (the budget's unit)."""
+    """Wraps the recommender and counts the prefixes it is run on (the budget's unit): decoder starts and steps."""
 
     def __init__(self, model):
         self.model, self.forwards = model, 0
@@ -43,9 +44,13 @@ class CountingModel:
     def __getattr__(self, name):
         return getattr(self.model, name)
 
-    def decode_all(self, ctx, prefix):
+    def start(self, ctx):
         self.forwards += len(ctx)
-        return self.model.decode_all(ctx, prefix)
+        return self.model.start(ctx)
+
+    def step(self, code, level, cache):
+        self.forwards += len(code)
+        return self.model.step(code, level, cache)
 
 
 @torch.no_grad()
@@ -173,3 +178,51 @@ def test_ved_ranks_with_the_recommenders_rescore_as_beam_search_does(setup):
         beam = beam_search(rescored, trie, history, width, width)
         assert torch.equal(ved.items, beam.items)
         torch.testing.assert_close(ved.scores, beam.scores)
+
+
+@pytest.mark.parametrize("exclude_seen,gate", [(False, True), (True, True), (True, False)])
+def test_incremental_scores_and_cached_forwards_equal_a_recomputation(setup, exclude_seen, gate):
+    """The fast path against the slow one: after a search, every node's priority G, gate and UCB score as kept
+    incrementally equal the whole forest scored from scratch (kernels.ved_scores.ved_scores_torch), and every node's
+    logits and value, computed by one cached decoder step, equal an uncached forward of its whole prefix."""
+    model, head, trie, _ = setup
+    history = torch.as_tensor(np.random.default_rng(5).integers(0, N_ITEMS, (3, 4)))
+    exclude = trie.exclusion(history) if exclude_seen else None
+    cfg = VedConfig(gate=gate, lam=0.3)
+    ctx = model.context(history)
+    f, spent = grow_forest(model, head, trie, ctx, 4, 60, cfg, exclude)
+    assert (spent == 60).all()
+    h, g, ucb, want_gate = ved_scores_torch(f.logits, f.tnode, f.depth, f.value, f.visits, trie.child_ptr,
+                                            trie.child_code, cfg.lam, cfg.beta, trie.depth)
+    users, slots = torch.arange(3)[:, None].expand(3, 60), torch.arange(60).expand(3, 60)
+    torch.testing.assert_close(f.g, g, atol=1e-5, rtol=1e-5)
+    assert torch.equal(f.gate(users, slots), want_gate)
+    torch.testing.assert_close(f.ucb(users, slots, f.visits[:, 0], cfg.beta), ucb, atol=1e-5, rtol=1e-5)
+    assert (f.n_expanded == (f.child >= 0).sum(2)).all()
+    with torch.no_grad():
+        for u, s in zip(*torch.nonzero(f.tnode >= 0, as_tuple=True)):
+            d, node = int(f.depth[u, s]), f.tnode[u, s][None]
+            state = model.decode_all(ctx[u][None], f.prefix[u, s, :d][None])[:, d]
+            logits = model.level_logits(state, d, node)
+            if exclude is not None:
+                banned = exclude.blocks(u[None, None], trie.child_table(node, logits.shape[1]), items=d == trie.depth - 1)
+                logits = logits.masked_fill(banned, float("-inf"))
+            torch.testing.assert_close(f.logits[u, s, : logits.shape[1]], logits[0], atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(f.value[u, s], head(state, f.logp[u, s][None])[0], atol=1e-4, rtol=1e-4)
+
+
+def test_window_level_rewards_by_hand():
+    """The dense reward against two next items, discounts (1, 0.7): the sum of each item's level rewards, weighted;
+    a missing item (-1, the sequence ended) adds nothing; one item ahead is the next-item reward."""
+    codes = torch.tensor([[1, 2, 3, 0], [1, 5, 3, 0], [4, 2, 3, 0]])
+    vectors = torch.nn.functional.normalize(torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), dim=1)
+    generated, items = codes[[0, 0]], torch.tensor([0, 0])
+    window = torch.tensor([[0, 1], [1, -1]])
+    got = window_level_rewards(generated, window, codes, vectors, items, (0.3, 0.5, 1.0), (1.0, 0.7))
+    to_0 = level_rewards(codes[[0]], codes[[0]], torch.tensor([1.0]), (0.3, 0.5, 1.0))[0]
+    to_1 = level_rewards(codes[[0]], codes[[1]], torch.tensor([0.6]), (0.3, 0.5, 1.0))[0]
+    assert got[0].tolist() == pytest.approx((to_0 + 0.7 * to_1).tolist())
+    assert to_1.tolist() == pytest.approx([0.3, -0.2, -0.4, 0.0])  # wrong from level 2: -w (1 - 0.6)
+    assert got[1].tolist() == pytest.approx(to_1.tolist())
+    one = window_level_rewards(generated, window[:, :1], codes, vectors, items, (0.3, 0.5, 1.0), (1.0,))
+    assert one[0].tolist() == pytest.approx(to_0.tolist())

@@ -1,6 +1,7 @@
 """`genrec train rl`: Sibling-GRPO reinforcement learning of the recommender from its SFT weights (DESIGN.md).
 
-One step, for a batch of (history, target) contexts from the training part of the sequences:
+One step, for a batch of (history, next items) contexts from the training part of the sequences (the next item, or
+the next H for the preset's horizon reward):
   1. Rollouts (no gradient): G distinct candidates per context from the current policy, by VED (default), beam
      search, or constrained sampling; their rewards (genrec.models.grpo), group advantages, and sibling advantages
      over each context's candidate tree. The log-probabilities of the rollout policy and of the frozen SFT
@@ -35,7 +36,7 @@ from genrec.models.decoding import Trie, beam_search, sample
 from genrec.models.grpo import combined_reward, group_advantages, k3_kl, policy_ratio_loss, sibling_advantages
 from genrec.models.loading import load_recommender, load_value_head
 from genrec.models.recommender import Recommender
-from genrec.models.value import ValueHead, level_rewards, td_targets
+from genrec.models.value import ValueHead, td_targets, window_level_rewards
 from genrec.models.ved import ved_decode
 from genrec.training.loop import (Dist, LoopConfig, init_distributed, load_best, random_batches, rank_metrics, run,
                                   run_summary)
@@ -46,7 +47,7 @@ class Rollouts:
     """One batch of candidate groups and everything the loss needs that does not depend on the current weights."""
 
     history: torch.Tensor  # (U, T)
-    target: torch.Tensor  # (U,)
+    window: torch.Tensor  # (U, H) the next items the reward looks at (H = 1: the target), -1 = none
     items: torch.Tensor  # (U, G) catalog rows ordered by the decoder's score, -1 = empty slot
     codes: torch.Tensor  # (U, G, D) raw codes (item 0's in empty slots, which every loss masks)
     rewards: torch.Tensor  # (U, G)
@@ -90,20 +91,21 @@ def candidate_paths(trie: Trie, items: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def make_rollouts(policy: Recommender, reference: Recommender, value_head: ValueHead, trie: Trie,
-                  history: torch.Tensor, target: torch.Tensor, codes: torch.Tensor, vectors: torch.Tensor,
+                  history: torch.Tensor, window: torch.Tensor, codes: torch.Tensor, vectors: torch.Tensor,
                   cfg: RlConfig, ved: VedConfig, generator: torch.Generator, seed: int,
-                  reward_weights: tuple[float, ...]) -> Rollouts:
+                  reward_weights: tuple[float, ...], discounts: tuple[float, ...] = (1.0,)) -> Rollouts:
+    """window: (U, H) each context's next items (H = 1: the next-item reward; else the horizon reward), or (U,)."""
+    window = window[:, None] if window.dim() == 1 else window
     items = draw_candidates(policy, value_head, trie, history, cfg, ved, generator, seed)
     u, g = items.shape
     valid = items >= 0
-    rewards = combined_reward(items, target, dict(cfg.rewards), vectors)
+    rewards = combined_reward(items, window, dict(cfg.rewards), vectors, discounts)
     cand_codes = codes[items.clamp_min(0)]  # empty slots get item 0's real path: finite, and masked in the loss
     adv, first = sibling_advantages(candidate_paths(trie, items), rewards, valid)
-    cosine = (vectors[items.clamp_min(0)] * vectors[target][:, None]).sum(-1)
-    dense = level_rewards(cand_codes.flatten(0, 1), codes[target].repeat_interleave(g, 0), cosine.flatten(),
-                          reward_weights).view(u, g, -1)
+    dense = window_level_rewards(cand_codes.flatten(0, 1), window.repeat_interleave(g, 0), codes, vectors,
+                                 items.clamp_min(0).flatten(), reward_weights, discounts).view(u, g, -1)
     old, ref = (_candidate_logp(m, history, cand_codes)[0] for m in (policy, reference))
-    return Rollouts(history, target, items, cand_codes, rewards, dense, group_advantages(rewards, valid), adv, first,
+    return Rollouts(history, window, items, cand_codes, rewards, dense, group_advantages(rewards, valid), adv, first,
                     old, ref)
 
 
@@ -153,7 +155,8 @@ def _rollout_stats(r: Rollouts) -> dict[str, float]:
     sib = r.sibling_adv[r.sibling_first]
     return {"reward_mean": float(r.rewards[valid].mean()), "reward_std": float(r.rewards[valid].std(unbiased=False)),
             "zero_std_groups": float((std < 1e-8).float().mean()),
-            "group_hit_rate": float((r.items == r.target[:, None]).any(1).float().mean()),
+            "group_hit_rate": float(((r.items[:, :, None] == r.window[:, None, :]) & valid[:, :, None]).any(2)
+                                    .any(1).float().mean()),
             "candidates": float(valid.sum(1).float().mean()), "sibling_nodes": float(r.sibling_first.sum()),
             "sibling_adv_abs": float(sib.abs().mean()) if len(sib) else 0.0}
 
@@ -189,12 +192,13 @@ class RlTask:
 
     def __init__(self, policy: Recommender, value_head: ValueHead, trie: Trie, codes: torch.Tensor,
                  vectors: torch.Tensor, pairs, valid, cfg: RlConfig, ved: VedConfig, gamma: float,
-                 reward_weights: tuple[float, ...], d: Dist):
+                 reward_weights: tuple[float, ...], d: Dist, discounts: tuple[float, ...] = (1.0,)):
         self.policy, self.value_head, self.trie, self.codes, self.vectors = policy, value_head, trie, codes, vectors
         # A frozen copy of the policy that shares its trie (one copy of the trie, however big the catalog).
         self.reference = copy.deepcopy(policy, {id(policy.trie): policy.trie}).requires_grad_(False)
         self.pairs, self.valid, self.cfg, self.ved, self.gamma, self.reward_weights, self.d = \
             pairs, valid, cfg, ved, gamma, reward_weights, d
+        self.discounts = discounts
         # The reference is checkpointed too: the bundle may hold a later policy by the time a run resumes.
         self.modules = {"policy": policy, "reference": self.reference, "value_head": value_head}
         self.optimizer = torch.optim.AdamW([{"params": list(policy.parameters()), "lr": cfg.lr},
@@ -207,9 +211,9 @@ class RlTask:
     def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
         step_seed = self.cfg.seed * 1_000_003 + step  # the rollout noise is a function of the step: exact resume
         r = make_rollouts(self.policy, self.reference, self.value_head, self.trie,
-                          torch.as_tensor(self.pairs.histories[rows]), torch.as_tensor(self.pairs.targets[rows]),
+                          torch.as_tensor(self.pairs.histories[rows]), torch.as_tensor(self.pairs.futures()[rows]),
                           self.codes, self.vectors, self.cfg, self.ved, torch.Generator().manual_seed(step_seed),
-                          step_seed, self.reward_weights)
+                          step_seed, self.reward_weights, self.discounts)
         parts = rl_step(self.policy, self.value_head, self.optimizer, r, self.cfg, self.gamma, self.d)
         return {"loss": parts["grpo_loss"] + parts["sibling_loss"], **_rollout_stats(r), **parts}
 
@@ -241,20 +245,23 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     torch.manual_seed(cfg.seed)
     value_head = load_value_head(bundle) if bundle.has("value.safetensors") else ValueHead(policy.cfg.d_model)
     value_head.eval()
-    pairs = train_pairs(train_sequences(ds), policy.cfg.max_history)
+    discounts = preset.reward.discounts
+    pairs = train_pairs(train_sequences(ds), policy.cfg.max_history, len(discounts))
     valid = eval_split(ds, "valid", policy.cfg.max_history)
     valid = valid.sample(cfg.valid_users, cfg.seed)
     task = RlTask(policy, value_head, policy.trie, torch.as_tensor(bundle.codes).long(),
                   F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1), pairs, valid, cfg,
-                  preset.ved, preset.value.gamma, preset.value.reward_weights, d)
+                  preset.ved, preset.value.gamma, preset.value.reward_weights, d, discounts)
     if d.main:
         log(f"rl: {len(pairs.targets)} training contexts, {cfg.rollout} rollouts of {cfg.group_size}, "
+            f"{preset.reward.kind} reward, "
             f"{len(valid.targets)} validation users, run dir {run_dir}")
     # The SFT policy is validated first: the bar RL has to clear, and the weights kept if it never does.
     loop = LoopConfig(seed=cfg.seed, max_minutes=cfg.max_minutes, max_steps=cfg.max_steps,
                       checkpoint_every=cfg.checkpoint_every, eval_every_epochs=None, eval_every_steps=cfg.eval_every,
                       eval_at_start=True, patience=cfg.patience, log_every=10)
-    recipe = {**cfg.model_dump(), "ved": preset.ved.model_dump(), "gamma": preset.value.gamma,
+    recipe = {**cfg.model_dump(), "ved": preset.ved.model_dump(), "reward": preset.reward.model_dump(),
+              "gamma": preset.value.gamma,
               "reward_weights": preset.value.reward_weights}
     st = run(task, loop, run_dir, recipe, resume, d, desc="rl")
     start = next(h for h in st.history if "ndcg@10" in h)

@@ -1,7 +1,7 @@
 """`genrec train value`: fit V-STAR's value head on the SFT policy's own rollouts (the policy stays frozen).
 
-Each step samples `rollouts` constrained completions per (history, target) pair from the policy, scores every level with
-the dense reward and regresses V(s_l) on the TD target r_l + gamma * V(s_{l+1}) (genrec.models.value). Validation, after
+Each step samples `rollouts` constrained completions per (history, next items) pair from the policy, scores every level
+with the dense reward against the preset's reward (the next item, or a horizon of next items) and regresses V(s_l) on the TD target r_l + gamma * V(s_{l+1}) (genrec.models.value). Validation, after
 every epoch on a fixed sample of validation users and a fixed seed: the TD loss, and how well V of the last forwarded
 prefix separates rollouts that hit the target from those that miss (its mean on each side and the AUC). The head with
 the lowest validation TD loss is written into the bundle as value.safetensors. The rollouts of a step are a function of
@@ -19,12 +19,12 @@ import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from genrec.core.bundle import Bundle, update_bundle
-from genrec.core.config import ValueConfig, load_preset
-from genrec.core.data import eval_split, load_dataset, train_sequences, train_windows
+from genrec.core.config import RewardConfig, ValueConfig, load_preset
+from genrec.core.data import eval_split, load_dataset, train_pairs, train_sequences
 from genrec.models.decoding import Trie, sample
 from genrec.models.loading import load_recommender
 from genrec.models.recommender import Recommender
-from genrec.models.value import ValueHead, level_rewards, td_targets
+from genrec.models.value import ValueHead, td_targets, window_level_rewards
 from genrec.training.loop import (Dist, LoopConfig, gather_ranks, init_distributed, load_best, random_batches, run,
                                   run_summary)
 
@@ -32,24 +32,26 @@ from genrec.training.loop import (Dist, LoopConfig, gather_ranks, init_distribut
 class RolloutScorer:
     """Rollouts from the frozen policy and their dense rewards; shared by value fitting and its validation."""
 
-    def __init__(self, policy: Recommender, trie: Trie, item_vectors: np.ndarray, codes: np.ndarray, cfg: ValueConfig):
-        self.policy, self.trie, self.cfg = policy, trie, cfg
+    def __init__(self, policy: Recommender, trie: Trie, item_vectors: np.ndarray, codes: np.ndarray, cfg: ValueConfig,
+                 reward: RewardConfig = RewardConfig()):
+        self.policy, self.trie, self.cfg, self.discounts = policy, trie, cfg, reward.discounts
         v = torch.as_tensor(item_vectors, dtype=torch.float32)
         self.vectors = F.normalize(v, dim=1)
         self.codes = torch.as_tensor(codes)
 
     @torch.no_grad()
-    def rollouts(self, history: torch.Tensor, target: torch.Tensor, generator: torch.Generator):
-        """-> prefix states (R, D, d) and log-probabilities (R, D) of the sampled paths (position l: the prefix of
-        l codes), their level rewards (R, D), and hit flags (R,)."""
+    def rollouts(self, history: torch.Tensor, window: torch.Tensor, generator: torch.Generator):
+        """history (U, T), window (U, H) each user's next items (-1 = none; H = 1: the target) -> prefix states
+        (R, D, d) and log-probabilities (R, D) of the sampled paths (position l: the prefix of l codes), their level
+        rewards against the window (R, D), and hit flags (R,): the rollout is an item of the window."""
         n, depth = self.cfg.rollouts, self.trie.depth
         s = sample(self.policy, self.trie, history, n, self.cfg.temperature, generator)
         codes, items = s.codes.view(-1, depth), s.items.view(-1)
         states, prefix_logp = s.states.flatten(0, 1), s.prefix_logp.view(-1, depth)
-        target = target.repeat_interleave(n)
-        cosine = (self.vectors[items] * self.vectors[target]).sum(1)
-        rewards = level_rewards(codes, self.codes[target], cosine, self.cfg.reward_weights)
-        return (states, prefix_logp), rewards, items == target
+        window = window.repeat_interleave(n, 0)
+        rewards = window_level_rewards(codes, window, self.codes, self.vectors, items, self.cfg.reward_weights,
+                                       self.discounts)
+        return (states, prefix_logp), rewards, (items[:, None] == window).any(1)
 
     def loss(self, head: ValueHead, prefixes, rewards) -> tuple[torch.Tensor, torch.Tensor]:
         values = head(*prefixes)
@@ -69,23 +71,23 @@ class ValueTask:
 
     best_modules = ("value_head",)
 
-    def __init__(self, scorer: RolloutScorer, head: ValueHead, histories: np.ndarray, targets: np.ndarray,
-                 valid_histories: np.ndarray, valid_targets: np.ndarray, cfg: ValueConfig, d: Dist):
+    def __init__(self, scorer: RolloutScorer, head: ValueHead, histories: np.ndarray, windows: np.ndarray,
+                 valid_histories: np.ndarray, valid_windows: np.ndarray, cfg: ValueConfig, d: Dist):
         self.scorer, self.head, self.cfg, self.d = scorer, head, cfg, d
-        self.histories, self.targets = histories, targets
-        self.valid = (np.array_split(valid_histories, d.world)[d.rank], np.array_split(valid_targets, d.world)[d.rank])
+        self.histories, self.windows = histories, windows
+        self.valid = (np.array_split(valid_histories, d.world)[d.rank], np.array_split(valid_windows, d.world)[d.rank])
         self.modules = {"value_head": head}
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.01)
         self.forward = torch.nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        return random_batches(len(self.targets), self.cfg.batch_size, [self.cfg.seed, epoch])
+        return random_batches(len(self.windows), self.cfg.batch_size, [self.cfg.seed, epoch])
 
     def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
         self.head.train()
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # rollouts a function of the step
         states, rewards, _ = self.scorer.rollouts(torch.as_tensor(self.histories[rows]),
-                                                  torch.as_tensor(self.targets[rows]), g)
+                                                  torch.as_tensor(self.windows[rows]), g)
         loss, _ = self.scorer.loss(self.forward, states, rewards)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -98,14 +100,14 @@ class ValueTask:
 
 
 @torch.no_grad()
-def validate(scorer: RolloutScorer, head: ValueHead, histories: np.ndarray, targets: np.ndarray,
+def validate(scorer: RolloutScorer, head: ValueHead, histories: np.ndarray, windows: np.ndarray,
              batch_size: int, seed: int, d: Dist = Dist()) -> dict:
     g = torch.Generator().manual_seed(seed)
     head.eval()
     losses, last, hits = [np.zeros(0)], [np.zeros(0, dtype=np.float32)], [np.zeros(0, dtype=bool)]
-    for s in range(0, len(targets), batch_size):
+    for s in range(0, len(windows), batch_size):
         states, rewards, hit = scorer.rollouts(torch.as_tensor(histories[s: s + batch_size]),
-                                               torch.as_tensor(targets[s: s + batch_size]), g)
+                                               torch.as_tensor(windows[s: s + batch_size]), g)
         loss, values = scorer.loss(head, states, rewards)
         losses.append(np.full(len(hit), float(loss)))
         last.append(values[:, -1].numpy())
@@ -129,18 +131,22 @@ def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | No
     policy = load_recommender(bundle)
     for p in policy.parameters():
         p.requires_grad_(False)
-    scorer = RolloutScorer(policy, policy.trie, bundle.item_vectors, bundle.codes, cfg)
+    scorer = RolloutScorer(policy, policy.trie, bundle.item_vectors, bundle.codes, cfg, preset.reward)
 
-    # One (history, next item) pair per training window: its most recent target.
-    windows = train_windows(train_sequences(ds), policy.cfg.max_history)
+    # Every (history, next items) pair of the training part of the sequences.
+    pairs = train_pairs(train_sequences(ds), policy.cfg.max_history, len(preset.reward.discounts))
     valid = eval_split(ds, "valid", policy.cfg.max_history)
     pick = np.random.default_rng(cfg.seed).permutation(len(valid.targets))[: cfg.valid_users]
+    # Validation rewards look at the validation item only: the item after it is the test item, which no choice made
+    # in training may see (a horizon reward's window is truncated there, as at the end of a training sequence).
+    valid_windows = np.full((len(pick), pairs.futures().shape[1]), -1, dtype=np.int64)
+    valid_windows[:, 0] = valid.targets[pick]
     torch.manual_seed(cfg.seed)
-    task = ValueTask(scorer, ValueHead(policy.cfg.d_model), windows[:, :-1], windows[:, -1], valid.histories[pick],
-                     valid.targets[pick], cfg, d)
+    task = ValueTask(scorer, ValueHead(policy.cfg.d_model), pairs.histories, pairs.futures(), valid.histories[pick],
+                     valid_windows, cfg, d)
     if d.main:
-        log(f"value: {len(windows)} training pairs x {cfg.rollouts} rollouts, {len(pick)} validation users, "
-            f"run dir {run_dir}")
+        log(f"value: {len(pairs.targets)} training pairs x {cfg.rollouts} rollouts ({preset.reward.kind} reward), "
+            f"{len(pick)} validation users, run dir {run_dir}")
     loop = LoopConfig(seed=cfg.seed, max_minutes=cfg.max_minutes, max_epochs=cfg.max_epochs, checkpoint_every=50,
                       metric="valid_td_loss", higher_is_better=False, log_every=20,
                       curve_keys=("valid_td_loss", "value_auc"))

@@ -177,6 +177,23 @@ class SASRecConfig(Frozen):
                                                    "option)")
 
 
+class RewardConfig(Frozen):
+    """What a recommendation earns (DESIGN.md, Rewards): the value head learns it, VED searches with it, RL optimises
+    it. next_item: 1 for the user's next item. horizon: the discounted hit over the user's next `horizon`
+    interactions, sum over h of discount^(h-1) * [item == s(t+h)], a goal beyond the next click that the likelihood
+    (trained for the next item only) does not optimise."""
+
+    kind: Literal["next_item", "horizon"] = Field("next_item", description="next_item or horizon")
+    horizon: int = Field(2, ge=1, le=20, description="H: interactions the horizon reward looks ahead")
+    discount: float = Field(0.7, gt=0.0, le=1.0, description="gamma: the h-th interaction weighs gamma^(h-1)")
+
+    @property
+    def discounts(self) -> tuple[float, ...]:
+        """The weight of each interaction ahead: (1,) for next_item, (1, gamma, ..., gamma^(H-1)) for horizon."""
+        steps = self.horizon if self.kind == "horizon" else 1
+        return tuple(self.discount ** h for h in range(steps))
+
+
 class ValueConfig(Frozen):
     """`genrec train value`: fit the value head on the SFT policy's own rollouts (DESIGN.md, Value model)."""
 
@@ -261,6 +278,7 @@ class Preset(Frozen):
     sft: TrainConfig = TrainConfig()
     sasrec: SASRecConfig = SASRecConfig()
     sasrec_train: TrainConfig = TrainConfig(lr=1e-3, max_minutes=10.0, patience=4)
+    reward: RewardConfig = RewardConfig()
     value: ValueConfig = ValueConfig()
     ved: VedConfig = VedConfig()
     rl: RlConfig = RlConfig()

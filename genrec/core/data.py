@@ -292,13 +292,19 @@ class Split:
     users: np.ndarray  # (N,)
     histories: np.ndarray  # (N, MAX_HISTORY) int64, most recent item last, -1 left padding
     targets: np.ndarray  # (N,)
+    window: np.ndarray | None = None  # (N, H) the target and the items after it (-1 past the end), where asked
 
     def sample(self, n: int | None, seed: int = 0) -> "Split":
         """At most n examples, a seeded draw in the original order (None: all of them)."""
         if n is None or n >= len(self.targets):
             return self
         pick = seeded_subset(len(self.targets), n, seed)
-        return Split(self.users[pick], self.histories[pick], self.targets[pick])
+        return Split(self.users[pick], self.histories[pick], self.targets[pick],
+                     None if self.window is None else self.window[pick])
+
+    def futures(self) -> np.ndarray:
+        """(N, H) each example's window, or its target alone (N, 1)."""
+        return self.targets[:, None] if self.window is None else self.window
 
 
 def _pad_left(seqs: list[np.ndarray], length: int) -> np.ndarray:
@@ -319,6 +325,19 @@ def eval_split(ds: Dataset, split: str, max_history: int = MAX_HISTORY) -> Split
     hist = [ds.sequences[i][: len(ds.sequences[i]) - cut] for i in keep]
     targets = np.array([ds.sequences[i][len(ds.sequences[i]) - cut] for i in keep], dtype=np.int64)
     return Split(ds.users[keep], _pad_left(hist, max_history), targets)
+
+
+WINDOW = 2  # items in the horizon evaluation's window: the validation and the test item
+
+
+def window_split(ds: Dataset, max_history: int = MAX_HISTORY) -> Split:
+    """The horizon evaluation (DESIGN.md, Rewards): the validation context (all but the last two items) and its window,
+    the last two items; no item of the window is in the training part of any sequence. targets = the window's first
+    item (the validation target), so next-item metrics of the same lists sit beside the window metrics."""
+    split = eval_split(ds, "valid", max_history)
+    keep = [i for i, s in enumerate(ds.sequences) if len(s) >= 3]
+    window = np.array([ds.sequences[i][-WINDOW:] for i in keep], dtype=np.int64).reshape(len(keep), WINDOW)
+    return Split(split.users, split.histories, split.targets, window)
 
 
 def train_sequences(ds: Dataset, fit: str = "valid") -> list[np.ndarray]:
@@ -363,13 +382,18 @@ def popularity(seqs: list[np.ndarray], n_items: int) -> np.ndarray:
     return counts
 
 
-def train_pairs(seqs: list[np.ndarray], max_history: int = MAX_HISTORY) -> Split:
-    """Every (history, next item) pair of the training sequences, one example each (for RL contexts): the history
-    is the up to max_history items before the target. Users are the sequence indices."""
-    users, hist, targets = [], [], []
+def train_pairs(seqs: list[np.ndarray], max_history: int = MAX_HISTORY, horizon: int = 1) -> Split:
+    """Every (history, next item) pair of the training sequences, one example each (value fitting and RL contexts):
+    the history is the up to max_history items before the target. Users are the sequence indices. horizon > 1: each
+    example's window holds the target and the horizon - 1 items after it within the training sequence (-1 past its
+    end), what a horizon reward is computed from."""
+    users, hist, window = [], [], []
     for u, s in enumerate(seqs):
         for t in range(1, len(s)):
             users.append(u)
             hist.append(s[max(0, t - max_history): t])
-            targets.append(s[t])
-    return Split(np.array(users, dtype=np.int64), _pad_left(hist, max_history), np.array(targets, dtype=np.int64))
+            ahead = s[t: t + horizon]
+            window.append(np.pad(ahead, (0, horizon - len(ahead)), constant_values=-1))
+    window = np.array(window, dtype=np.int64).reshape(len(users), horizon)
+    return Split(np.array(users, dtype=np.int64), _pad_left(hist, max_history), window[:, 0].copy(),
+                 window if horizon > 1 else None)

@@ -1,4 +1,4 @@
-"""Top-K ranking metrics for leave-one-out evaluation (one relevant item per user)."""
+"""Top-K ranking metrics: leave-one-out (one relevant item per user), and over a window of the user's next items."""
 
 from __future__ import annotations
 
@@ -33,3 +33,23 @@ def metrics_from_ranks(ranks: np.ndarray, ks=(5, 10)) -> dict[str, float]:
 def ranking_metrics(topk: np.ndarray, targets: np.ndarray, ks=(5, 10)) -> dict[str, float]:
     """Recall and NDCG at each k of ranked lists (N, K) against one target per row."""
     return metrics_from_ranks(hit_ranks(topk, targets), ks)
+
+
+def window_metrics(topk: np.ndarray, window: np.ndarray, ks=(10,)) -> dict[str, float]:
+    """Ranked lists (N, K) against each user's window of next items (N, H), -1 = no item: window-Recall@k (share of
+    the window's distinct items in the top k) and window-NDCG@k (gain 1 per window item, ideal DCG over the window)."""
+    topk, window = np.asarray(topk), np.asarray(window)
+    out = {}
+    for k in ks:
+        top = topk[:, :k]
+        # A slot is a hit if it holds a window item not already counted earlier in the row.
+        hit = (top[:, :, None] == window[:, None, :]).any(2) & (top >= 0)
+        hit &= ~np.triu(top[:, :, None] == top[:, None, :], 1).any(1)  # a repeat of an earlier slot is no hit
+        size = np.array([len(set(w[w >= 0].tolist())) for w in window])
+        discount = 1.0 / np.log2(np.arange(k) + 2.0)
+        dcg = (hit * discount[: top.shape[1]]).sum(1)
+        ideal = np.array([discount[: min(n, k)].sum() for n in size])
+        ok = size > 0
+        out[f"window_recall@{k}"] = float((hit.sum(1)[ok] / size[ok]).mean()) if ok.any() else 0.0
+        out[f"window_ndcg@{k}"] = float((dcg[ok] / ideal[ok]).mean()) if ok.any() else 0.0
+    return out

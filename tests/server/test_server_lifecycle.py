@@ -236,3 +236,11 @@ def test_a_ved_batch_stops_once_its_callers_left(served_bundle, ids):
                               for reason in ("deadline", "cancelled"))
         wait_for(lambda: dropped() == 1, timeout=60, what="the stopped batch to be counted")
         assert compute() - full < full / 2
+        # A 1 ms deadline: DEADLINE_EXCEEDED, and the server stays healthy and answers the next call.
+        with pytest.raises(grpc.RpcError) as e:
+            r.stubs.recommend.Recommend(request, timeout=0.001)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        health = health_pb2_grpc.HealthStub(r.channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == SERVING
+        cheap = r.stubs.recommend.Recommend(recommend_pb2.RecommendRequest(history=ids[:5], k=5), timeout=30)
+        assert len(cheap.items) == 5
