@@ -3,8 +3,8 @@
 Loads the bundle's Engine in-process (what the server runs per batch), times single calls with exclude_seen on a
 history of 20 items (the median of `--repeats`), and reports the largest beam width and VED budget whose call fits
 `--goal-ms`. VED's rows also give the cost per forward (ms / budget), the curve that shows a round costs the same
-however large the tree has grown (issue 16 asks it flat within 2x from budget 16 to 1024). The server's defaults (LimitsConfig: max_beam_width, max_ved_budget) come from this table on the Beauty
-bundle; operators with other hardware or catalogs rerun it and pass their own limits.
+however large the tree has grown (issue 16 asks it flat within 2x from budget 16 to 1024). The server's defaults
+(LimitsConfig: max_beam_width, max_ved_budget) come from this table on the Beauty bundle; operators with other hardware or catalogs rerun it and pass their own limits.
 
     python benchmarks/limits.py --bundle bundles/beauty --goal-ms 250 --out results/limits.json
 """

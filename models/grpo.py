@@ -59,9 +59,9 @@ def ndcg_rule_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def ranking_reward(items: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Our variant of the rank-aware reward: 1 for the target; each wrong candidate ranked above the target is
     penalised by 1 / log2(rank + 1), normalised so that the penalties of a group sum to -1 (the published
-    ndcg_rule penalises every non-target, below the target too, with a fixed normalisation). A group without the target earns 0
-    everywhere: penalising its top candidates would only flatten the policy where it has nothing to learn from.
-    Candidates must come ordered by the decoder's score (rank 1 first); empty slots earn 0."""
+    ndcg_rule penalises every non-target, below the target too, with a fixed normalisation). A group without the
+    target earns 0 everywhere: penalising its top candidates would only flatten the policy where it has nothing to
+    learn from. Candidates must come ordered by the decoder's score (rank 1 first); empty slots earn 0."""
     g = items.shape[1]
     hit = _hits(items, target)
     rank = torch.arange(1, g + 1, device=items.device, dtype=torch.float32)

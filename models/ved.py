@@ -15,8 +15,9 @@ the trie-valid children of forwarded depth-(D - 1) prefixes, scored from those p
      are items), and either has no child yet or has been visited enough to widen (progressive widening,
      N >= (children + 1)^2, so the search deepens before it broadens).
   4. Gated expansion: that node gets one new child, sampled from the policy over its not-yet-expanded valid codes,
-     and the new prefix is forwarded (cost 1): one decoder step on the parent's cached keys and values. A walk that finds no such node (its leaves are gated or finished)
-     expands instead the growable node with the largest U anywhere in the tree, so no round is wasted.
+     and the new prefix is forwarded (cost 1): one decoder step on the parent's cached keys and values. A walk that
+     finds no such node (its leaves are gated or finished) expands instead the growable node with the largest U
+     anywhere in the tree, so no round is wasted.
   5. Visit counts are backed up along the walk. Repeat until the budget is spent.
   6. The top-k complete items by the final score: log-probability, value (of the item's depth-(D - 1) prefix, which
      fixes the item when the collision level has one child), or log-probability + value_weight * value.
@@ -180,7 +181,7 @@ def grow_forest(model: Recommender, value_head: ValueHead, trie: Trie, ctx: torc
     frontier = torch.zeros(u, 1, dtype=torch.long, device=device)
     # The initial beam is narrowed when the budget is small, so that a path can still reach the items.
     init_width = min(beam_width, max(1, (budget - 1) // max(depth - 1, 1)))
-    for level in range(min(cfg.init_depth, depth - 1)):
+    for _ in range(min(cfg.init_depth, depth - 1)):
         take = min(init_width, budget - int(spent.max()))
         if take <= 0:
             break

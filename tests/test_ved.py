@@ -205,7 +205,8 @@ def test_incremental_scores_and_cached_forwards_equal_a_recomputation(setup, exc
             state = model.decode_all(ctx[u][None], f.prefix[u, s, :d][None])[:, d]
             logits = model.level_logits(state, d, node)
             if exclude is not None:
-                banned = exclude.blocks(u[None, None], trie.child_table(node, logits.shape[1]), items=d == trie.depth - 1)
+                kids = trie.child_table(node, logits.shape[1])
+                banned = exclude.blocks(u[None, None], kids, items=d == trie.depth - 1)
                 logits = logits.masked_fill(banned, float("-inf"))
             torch.testing.assert_close(f.logits[u, s, : logits.shape[1]], logits[0], atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(f.value[u, s], head(state, f.logp[u, s][None])[0], atol=1e-4, rtol=1e-4)

@@ -1,12 +1,13 @@
 """`genrec train value`: fit V-STAR's value head on the SFT policy's own rollouts (the policy stays frozen).
 
 Each step samples `rollouts` constrained completions per (history, next items) pair from the policy, scores every level
-with the dense reward against the preset's reward (the next item, or a horizon of next items) and regresses V(s_l) on the TD target r_l + gamma * V(s_{l+1}) (genrec.models.value). Validation, after
-every epoch on a fixed sample of validation users and a fixed seed: the TD loss, and how well V of the last forwarded
-prefix separates rollouts that hit the target from those that miss (its mean on each side and the AUC). The head with
-the lowest validation TD loss is written into the bundle as value.safetensors. The rollouts of a step are a function of
-(seed, step), so a killed run resumes exactly (`--resume`); under torchrun every rank fits its slice of each batch and
-validates its shard of the users.
+with the dense reward against the preset's reward (the next item, or a horizon of next items) and regresses V(s_l) on
+the TD target r_l + gamma * V(s_{l+1}) (genrec.models.value). Validation, after every epoch on a fixed sample of
+validation users and a fixed seed: the TD loss, and how well V of the last forwarded prefix separates rollouts that hit
+the target from those that miss (its mean on each side and the AUC). The head with the lowest validation TD loss is
+written into the bundle as value.safetensors. The rollouts of a step are a function of (seed, step), so a killed run
+resumes exactly (`--resume`); under torchrun every rank fits its slice of each batch and validates its shard of the
+users.
 """
 
 from __future__ import annotations

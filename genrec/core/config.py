@@ -221,7 +221,8 @@ class VedConfig(Frozen):
     init_depth: int = Field(1, ge=0, le=16, description="levels decoded by the initial width-B beam before the "
                             "value-guided search spends the rest of the budget")
     score: Literal["logp", "value", "mix"] = Field("logp", description="final score of a complete item: its "
-                                                   "log-probability, its value, or log-probability + value_weight * value")
+                                                   "log-probability, its value, or log-probability + value_weight "
+                                                   "* value")
     value_weight: float = Field(1.0, ge=0.0, le=100.0, description="weight of the value in the 'mix' score")
     temperature: float = Field(1.0, ge=0.0, le=10.0, description="temperature of the policy from which a new child "
                                "is sampled (0 = the most probable unexpanded code)")
