@@ -103,8 +103,9 @@ def create_server(config: ServerConfig) -> tuple[GenrecServer, int]:
     threads = set_compute_threads(config.threads)
     log.info("compute threads: %d (torch, FAISS, ONNX Runtime)", threads)
     slot = EngineSlot(Engine.load(config.bundle, device=config.device, backend=config.backend), metrics)
-    batchers = {name: MicroBatcher(name, per_engine(name), config.batching, metrics)
-                for name in ("recommend", "embed", "search")}
+    batchers = {name: MicroBatcher(name, per_engine(name), config.batching, metrics) for name in ("recommend", "embed")}
+    search = config.batching.model_copy(update={"max_wait_ms": config.batching.search_max_wait_ms})
+    batchers["search"] = MicroBatcher("search", per_engine("search"), search, metrics)
     heavy = config.batching.model_copy(update={"max_batch_size": min(config.heavy_batch_size,
                                                                       config.batching.max_batch_size)})
     batchers["recommend-heavy"] = MicroBatcher("recommend-heavy", per_engine("recommend"), heavy, metrics)

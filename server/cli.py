@@ -29,6 +29,8 @@ def serve(
         _B["max_batch_size"].default),
     max_wait_ms: Annotated[float, typer.Option(min=0.0, help=_B["max_wait_ms"].description)] = (
         _B["max_wait_ms"].default),
+    search_max_wait_ms: Annotated[float, typer.Option(min=0.0, help=_B["search_max_wait_ms"].description)] = (
+        _B["search_max_wait_ms"].default),
     max_queue: Annotated[int, typer.Option(min=1, help=_B["max_queue"].description)] = _B["max_queue"].default,
     max_concurrent_rpcs: Annotated[int, typer.Option(min=1, help=_S["max_concurrent_rpcs"].description)] = (
         _S["max_concurrent_rpcs"].default),
@@ -67,7 +69,8 @@ def serve(
     try:
         config = ServerConfig(
             bundle=bundle, host=host, port=port, metrics_port=None if metrics_port < 0 else metrics_port,
-            batching=BatchingConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue),
+            batching=BatchingConfig(max_batch_size=max_batch_size, max_wait_ms=max_wait_ms,
+                                    search_max_wait_ms=search_max_wait_ms, max_queue=max_queue),
             max_concurrent_rpcs=max_concurrent_rpcs, threads=threads, device=device, backend=backend,
             grace_s=grace_s, drain_s=drain_s,
             auth_token=auth_token, tls_cert=tls_cert, tls_key=tls_key, reload_root=reload_root,

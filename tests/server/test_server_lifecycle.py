@@ -225,6 +225,8 @@ def test_a_ved_batch_stops_once_its_callers_left(served_bundle, ids):
     ved = recommend_pb2.Decoding(strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=32, budget=4096)
     request = recommend_pb2.RecommendRequest(history=ids[:5], k=10, decoding=ved)
     with running(served_bundle) as r:
+        # Search takes what is queued (a search costs less than any wait); Recommend waits to fill its batches.
+        assert r.server.batchers["search"].cfg.max_wait_ms == 0 < r.server.batchers["recommend"].cfg.max_wait_ms
         compute = lambda: r.metric("genrec_batch_compute_seconds_sum", queue="recommend-heavy")  # noqa: E731
         r.stubs.recommend.Recommend(request, timeout=300)
         full = compute()
