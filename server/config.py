@@ -34,8 +34,9 @@ class LimitsConfig(Frozen):
 
     max_k: int = Field(100, ge=1, le=10_000, description="largest k for Recommend and Search")
     max_beam_width: int = Field(128, ge=1, le=4096, description="largest beam width a client may ask for")
-    max_ved_budget: int = Field(4096, ge=1, le=1_000_000, description="largest VED budget (model forwards) a client "
-                                "may ask for")
+    max_ved_budget: int = Field(64, ge=1, le=1_000_000, description="largest VED budget (model forwards) a client "
+                                "may ask for; 64 takes about 110-130 ms alone on the Beauty bundle on 2 cores, 128 "
+                                "about 280 ms (benchmarks/limits.py, goal 250 ms): rerun it for other hardware")
     max_history_items: int = Field(
         1000, ge=1, le=1_000_000, description="longest history accepted (the model reads only its last max_history)")
     max_inputs: int = Field(64, ge=1, le=4096, description="texts/images per Embed request")

@@ -16,7 +16,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from genrec.core.bundle import Bundle
-from genrec.server.config import BatchingConfig
+from genrec.server.config import BatchingConfig, LimitsConfig
 from genrec.v1 import embed_pb2, info_pb2, recommend_pb2, search_pb2
 
 from serverutil import running, wait_for
@@ -203,7 +203,7 @@ def test_health_is_never_refused_by_the_concurrency_limit(served_bundle, ids):
 def test_expensive_calls_do_not_hold_cheap_ones(served_bundle, ids):
     """VED calls at a large budget wait in their own queue: beam calls sent while they compute are answered
     before they are (on one shared queue they waited behind the VED batch)."""
-    with running(served_bundle) as r:
+    with running(served_bundle, limits=LimitsConfig(max_ved_budget=4096)) as r:  # calls of seconds, on purpose
         ved = recommend_pb2.Decoding(strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=32, budget=4096)
         heavy = [r.stubs.recommend.Recommend.future(recommend_pb2.RecommendRequest(
             history=ids[i:i + 5], k=10, decoding=ved), timeout=300) for i in range(8)]
@@ -224,7 +224,7 @@ def test_a_ved_batch_stops_once_its_callers_left(served_bundle, ids):
     search on it (before, it ran to the end for nobody)."""
     ved = recommend_pb2.Decoding(strategy=recommend_pb2.DECODING_STRATEGY_VED, beam_width=32, budget=4096)
     request = recommend_pb2.RecommendRequest(history=ids[:5], k=10, decoding=ved)
-    with running(served_bundle) as r:
+    with running(served_bundle, limits=LimitsConfig(max_ved_budget=4096)) as r:  # a search of seconds
         # Search takes what is queued (a search costs less than any wait); Recommend waits to fill its batches.
         assert r.server.batchers["search"].cfg.max_wait_ms == 0 < r.server.batchers["recommend"].cfg.max_wait_ms
         compute = lambda: r.metric("genrec_batch_compute_seconds_sum", queue="recommend-heavy")  # noqa: E731

@@ -1,5 +1,6 @@
-"""A 60-second soak (benchmarks/soak.py): mixed cheap load, 3 hot swaps and a storm of 16 VED calls at budget 4096
-against a served process. No cheap call fails, the storm does not triple the cheap calls' p99, memory stays flat."""
+"""A 60-second soak (benchmarks/soak.py): mixed cheap load, 3 hot swaps and a storm of 16 VED calls at the
+largest budget the server accepts, against a served process. No cheap call fails, the storm does not triple the cheap
+calls' p99, memory stays flat."""
 
 from __future__ import annotations
 
