@@ -71,9 +71,9 @@ def constrained_topk_torch(logits: torch.Tensor, node: torch.Tensor, child_ptr: 
 
 
 @triton.jit
-def _constrained_topk_kernel(logits_ptr, stride_row, node_ptr, child_ptr_ptr, child_code_ptr, base_ptr,
-                             out_value_ptr, out_code_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0)
+def valid_children_logp(logits_ptr, stride_row, node_ptr, child_ptr_ptr, child_code_ptr, row, BLOCK: tl.constexpr):
+    """One row's trie-valid children, gathered from its node's CSR run: (live, offs, code, logp, ok). logp is the
+    log-softmax over the valid children, ok marks children with a finite logit (a dead row, node -1, has none)."""
     node = tl.load(node_ptr + row)
     live = node >= 0
     node = tl.maximum(node, 0)
@@ -87,7 +87,16 @@ def _constrained_topk_kernel(logits_ptr, stride_row, node_ptr, child_ptr_ptr, ch
     shift = tl.where(top > float("-inf"), top, 0.0)
     lse = shift + tl.log(tl.maximum(tl.sum(tl.exp(x - shift), 0), 1e-30))  # a row with no valid child: finite
     ok = real & (x > float("-inf"))  # a row with no finite logit has no ok entry
-    total = tl.where(ok, x - lse + tl.load(base_ptr + row).to(tl.float32), float("-inf"))
+    return live, offs, code, x - lse, ok
+
+
+@triton.jit
+def _constrained_topk_kernel(logits_ptr, stride_row, node_ptr, child_ptr_ptr, child_code_ptr, base_ptr,
+                             out_value_ptr, out_code_ptr, K: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    live, offs, code, logp, ok = valid_children_logp(logits_ptr, stride_row, node_ptr, child_ptr_ptr,
+                                                     child_code_ptr, row, BLOCK)
+    total = tl.where(ok, logp + tl.load(base_ptr + row).to(tl.float32), float("-inf"))
     for j in tl.static_range(K):  # k rounds of argmax; the CSR codes ascend, so the first maximum has the smaller code
         best = tl.max(total, 0)
         at = tl.min(tl.where(total == best, offs, BLOCK), 0)

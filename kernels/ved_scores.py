@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from genrec.kernels.constrained_topk import LAUNCHED, masked_log_softmax, valid_children_mask
+from genrec.kernels.constrained_topk import LAUNCHED, masked_log_softmax, valid_children_logp, valid_children_mask
 
 GATE_TOLERANCE = 1e-6  # G equal to its depth mean passes, whatever the summation order
 
@@ -40,20 +40,9 @@ def node_priority_torch(logits: torch.Tensor, node: torch.Tensor, value: torch.T
 def _node_priority_kernel(logits_ptr, stride_row, node_ptr, value_ptr, child_ptr_ptr, child_code_ptr, h_ptr, g_ptr,
                           lam, BLOCK_F: tl.constexpr):
     row = tl.program_id(0)
-    node = tl.load(node_ptr + row)
-    live = node >= 0
-    node = tl.maximum(node, 0)
-    start = tl.load(child_ptr_ptr + node)
-    count = tl.where(live, tl.load(child_ptr_ptr + node + 1) - start, 0)
-    f = tl.arange(0, BLOCK_F)
-    real = f < count
-    code = tl.load(child_code_ptr + start + f, mask=real, other=0)
-    x = tl.load(logits_ptr + row * stride_row + code, mask=real, other=float("-inf")).to(tl.float32)
-    top = tl.max(x, 0)
-    shift = tl.where(top > float("-inf"), top, 0.0)
-    lse = shift + tl.log(tl.maximum(tl.sum(tl.exp(x - shift), 0), 1e-30))  # a node with no valid child: finite
-    ok = real & (x > float("-inf"))
-    logp = tl.where(ok, x - lse, 0.0)
+    live, _, _, logp, ok = valid_children_logp(logits_ptr, stride_row, node_ptr, child_ptr_ptr, child_code_ptr, row,
+                                               BLOCK_F)
+    logp = tl.where(ok, logp, 0.0)
     entropy = tl.where(live, -tl.sum(tl.where(ok, tl.exp(logp) * logp, 0.0), 0), 0.0)
     value = tl.load(value_ptr + row).to(tl.float32)
     tl.store(h_ptr + row, entropy)
