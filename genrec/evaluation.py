@@ -187,12 +187,15 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
 
 # Item-to-next-item retrieval: the embedder's task (genrec embedder eval, and validation of genrec train embedder).
 
-def heldout_pairs(ds: Dataset, split: str) -> np.ndarray:
-    """(P, 2): (the item just before the held-out item of `split`, that held-out item), for users with >= 3 items."""
+def heldout_pairs(ds: Dataset, split: str, with_positions: bool = False):
+    """(P, 2): (the item just before the held-out item of `split`, that held-out item), for users with >= 3 items;
+    with_positions: also each pair's user position in the whole dataset (P,), which places a shard's pairs."""
     cut = {"valid": 2, "test": 1}[split]
-    rows = [(s[len(s) - cut - 1], s[len(s) - cut]) for s in ds.sequences if len(s) >= 3]
-    p = np.array(rows, dtype=np.int64).reshape(-1, 2)
-    return p[p[:, 0] != p[:, 1]]
+    users = np.array([i for i, s in enumerate(ds.sequences) if len(s) >= 3], dtype=np.int64)
+    p = np.array([ds.sequences[i][len(ds.sequences[i]) - cut - 1: len(ds.sequences[i]) - cut + 1] for i in users],
+                 dtype=np.int64).reshape(-1, 2)
+    keep = p[:, 0] != p[:, 1]
+    return (p[keep], ds.positions[users[keep]]) if with_positions else p[keep]
 
 
 def retrieval_ranks(query_vecs: np.ndarray, doc_vecs: np.ndarray, pairs: np.ndarray, chunk: int = 1024) -> np.ndarray:

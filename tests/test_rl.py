@@ -129,8 +129,9 @@ def test_bad_reward_weights_are_named(tmp_path, demo_bundle, demo_data):
 
 
 def test_two_ranks_train_like_one(tmp_path, demo_bundle, demo_data):
-    """Under torchrun each rank takes half of every batch; losses are normalised by global counts and gradients
-    summed, so two ranks reach the weights one process reaches (up to float summation order)."""
+    """Under torchrun each rank reads half of the users and takes the rows of every batch it holds; losses are
+    normalised by global counts and gradients summed, so two ranks reach the weights one process reaches (up to float
+    summation order)."""
     import os
     import subprocess
     import sys

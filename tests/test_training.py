@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 
 from genrec.core.bundle import Bundle
-from genrec.core.data import load_dataset
+from genrec.core.data import load_dataset, train_pairs, train_sequences
 from genrec.evaluation import evaluate
 from genrec.training.loop import read_checkpoint
+from genrec.training.shards import row_keys
 
 from conftest import run_cli
 
@@ -81,6 +82,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_shard_rows_in_key_order_are_one_process_rows(tiny_data, world):
+    """What the value and RL trainers hold on each rank: the (history, next items) pairs of its users. Sorted by
+    their keys, every shard's pairs together are one process's pairs, row for row, whatever the number of ranks."""
+    whole = train_pairs(train_sequences(load_dataset(tiny_data)), 20, 2)
+    keys, hist, futures = [], [], []
+    for rank in range(world):
+        ds = load_dataset(tiny_data, shard=(rank, world))
+        assert len(ds.sequences) < len(load_dataset(tiny_data).sequences)  # the rank reads only its users
+        p = train_pairs(train_sequences(ds), 20, 2)
+        keys.append(row_keys(ds, p.users))
+        hist.append(p.histories)
+        futures.append(p.futures())
+    keys = np.concatenate(keys)
+    order = np.lexsort((keys[:, 1], keys[:, 0]))
+    assert len(np.unique(keys, axis=0)) == len(keys)
+    np.testing.assert_array_equal(np.concatenate(hist)[order], whole.histories)
+    np.testing.assert_array_equal(np.concatenate(futures)[order], whole.futures())
 
 
 def test_two_nodes_read_only_their_shard_and_reach_one_process_weights(tmp_path, tiny_bundle, tiny_data):

@@ -31,18 +31,18 @@ import torch.nn.functional as F
 
 from genrec.core.atomic import atomic_dir, atomic_file
 from genrec.core.config import EmbedderConfig, EmbedderTrainConfig
-from genrec.core.data import load_dataset, seeded_subset, train_sequences
+from genrec.core.data import load_dataset, train_sequences
 from genrec.evaluation import evaluate_retrieval, heldout_pairs
 from genrec.models.embedder import CONFIG_FILE
-from genrec.training.loop import (Dist, Supervised, barrier, broadcast_from_main, init_distributed, load_best,
-                                  random_batches, run, run_summary, supervised_loop)
+from genrec.training.loop import (Dist, Supervised, barrier, broadcast_from_main, gather_objects, init_distributed,
+                                  load_best, random_batches, run, run_summary, supervised_loop)
+from genrec.training.shards import sample_mask
+
 
 def next_item_pairs(seqs: list[np.ndarray]) -> np.ndarray:
     """(P, 2) distinct (item, next item) catalog rows from training sequences, repeats of the same item skipped."""
     pairs = [np.stack([s[:-1], s[1:]], 1) for s in seqs if len(s) >= 2]
-    if not pairs:
-        raise ValueError("no training pairs: the sequences need at least two items each")
-    p = np.unique(np.concatenate(pairs), axis=0)
+    p = np.unique(np.concatenate(pairs or [np.zeros((0, 2), dtype=np.int64)]), axis=0)
     return p[p[:, 0] != p[:, 1]].astype(np.int64)
 
 
@@ -236,19 +236,23 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     from genrec.models.embedder import Embedder
 
     d = init_distributed()
-    ds = load_dataset(data)
+    ds = load_dataset(data, shard=(d.rank, d.world))  # this rank's users; the catalog (the texts) is whole
     texts = [it.text for it in ds.catalog.items]
-    pairs = next_item_pairs(train_sequences(ds))
-    valid = heldout_pairs(ds, "valid")
-    if cfg.valid_users is not None and cfg.valid_users < len(valid):  # a seeded sample, in order
-        valid = valid[seeded_subset(len(valid), cfg.valid_users, cfg.seed)]
+    # The training pairs are a few ids each, and every rank needs all of them (mining, the known-negative mask): each
+    # rank derives its users' pairs and the process group joins them into the set one process derives.
+    pairs = np.unique(np.concatenate(gather_objects(next_item_pairs(train_sequences(ds)), d)), axis=0)
+    if not len(pairs):  # every rank sees the same joined set, so every rank stops here
+        raise ValueError("no training pairs: the sequences need at least two different items in a row")
+    valid, positions = heldout_pairs(ds, "valid", with_positions=True)
+    valid = valid[sample_mask(positions, cfg.valid_users, cfg.seed, d)]  # this rank's part of one seeded sample
+    n_valid = sum(gather_objects(len(valid), d))
     run_dir = Path(run_dir or Path("runs") / Path(out).name / "embedder")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     embedder = Embedder(embedder_cfg)
     model = ContrastiveModel(embedder, texts, cfg.temperature, pairs, cfg.bucket_rows)
     if d.main:
-        log(f"embedder: {len(pairs)} training pairs, {len(valid)} validation pairs, {len(texts)} items; "
+        log(f"embedder: {len(pairs)} training pairs, {n_valid} validation pairs, {len(texts)} items; "
             f"{f'SaHa hard negatives (k {cfg.k}, pool {cfg.pool})' if cfg.hard_negatives else 'in-batch negatives'}; "
             f"run dir {run_dir}")
 
@@ -290,7 +294,7 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
         return broadcast_from_main(mined, d)  # the other ranks may be on machines without this disk
 
     def evaluate(m, dd: Dist) -> np.ndarray:
-        return evaluate_retrieval(embedder, texts, valid, (dd.rank, dd.world))
+        return evaluate_retrieval(embedder, texts, valid)  # this rank's validation pairs; the loop gathers
 
     task = Supervised(model, pairs, cfg, evaluate, d, batches=batches)
     recipe = {**cfg.model_dump(), "embedder": embedder_cfg.model_dump()}

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from genrec.core.atomic import write_json
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import RlConfig, VedConfig, load_preset
-from genrec.core.data import eval_split, load_dataset, train_pairs, train_sequences
+from genrec.core.data import Split, load_dataset, train_pairs, train_sequences
 from genrec.evaluation import recommender_ranks
 from genrec.models.decoding import Trie, beam_search, sample
 from genrec.models.grpo import combined_reward, group_advantages, k3_kl, policy_ratio_loss, sibling_advantages
@@ -40,6 +40,7 @@ from genrec.models.value import ValueHead, td_targets, window_level_rewards
 from genrec.models.ved import ved_decode
 from genrec.training.loop import (Dist, LoopConfig, init_distributed, load_best, random_batches, rank_metrics, run,
                                   run_summary)
+from genrec.training.shards import RowShard, row_keys, validation_shard
 
 
 @dataclass
@@ -64,6 +65,12 @@ class Rollouts:
 
     def rows(self, sl: slice) -> "Rollouts":
         return Rollouts(**{k: v[sl] for k, v in self.__dict__.items()})
+
+    def masked(self) -> "Rollouts":
+        """The same tensors with every candidate masked: a rank that holds no row of a batch runs one this way, so
+        that it takes part in the step's collectives and adds nothing to the loss."""
+        return Rollouts(**{**self.__dict__, "items": torch.full_like(self.items, -1),
+                           "sibling_first": torch.zeros_like(self.sibling_first)})
 
 
 def draw_candidates(policy: Recommender, value_head: ValueHead, trie: Trie, history: torch.Tensor, cfg: RlConfig,
@@ -149,6 +156,8 @@ def _totals(r: Rollouts, d: Dist) -> dict[str, float]:
 
 def _rollout_stats(r: Rollouts) -> dict[str, float]:
     valid = r.valid
+    if not valid.any():  # a masked batch (this rank held none of its rows)
+        return {}
     n = valid.sum(1).clamp_min(1)
     mean = torch.where(valid, r.rewards, 0.0).sum(1) / n
     std = (torch.where(valid, r.rewards - mean[:, None], 0.0) ** 2).sum(1).div(n).sqrt()
@@ -191,8 +200,11 @@ class RlTask:
     best_modules = ("policy", "value_head")
 
     def __init__(self, policy: Recommender, value_head: ValueHead, trie: Trie, codes: torch.Tensor,
-                 vectors: torch.Tensor, pairs, valid, cfg: RlConfig, ved: VedConfig, gamma: float,
-                 reward_weights: tuple[float, ...], d: Dist, discounts: tuple[float, ...] = (1.0,)):
+                 vectors: torch.Tensor, pairs: Split, keys: np.ndarray, valid: Split, cfg: RlConfig, ved: VedConfig,
+                 gamma: float, reward_weights: tuple[float, ...], d: Dist, discounts: tuple[float, ...] = (1.0,)):
+        """pairs: this rank's training contexts, keys: where they stand among every rank's (training.shards);
+        valid: this rank's validation users."""
+        self.local_rows = RowShard(keys, d)
         self.policy, self.value_head, self.trie, self.codes, self.vectors = policy, value_head, trie, codes, vectors
         # A frozen copy of the policy that shares its trie (one copy of the trie, however big the catalog).
         self.reference = copy.deepcopy(policy, {id(policy.trie): policy.trie}).requires_grad_(False)
@@ -206,22 +218,24 @@ class RlTask:
                                            weight_decay=0.0)
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        return random_batches(len(self.pairs.targets), self.cfg.batch_size, [self.cfg.seed, epoch])
+        return random_batches(self.local_rows.n, self.cfg.batch_size, [self.cfg.seed, epoch])
 
     def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
         step_seed = self.cfg.seed * 1_000_003 + step  # the rollout noise is a function of the step: exact resume
+        empty = len(rows) == 0  # this rank holds no row of the batch: one masked row keeps it in the collectives
+        rows = rows if not empty else np.zeros(1, dtype=np.int64)
         r = make_rollouts(self.policy, self.reference, self.value_head, self.trie,
                           torch.as_tensor(self.pairs.histories[rows]), torch.as_tensor(self.pairs.futures()[rows]),
                           self.codes, self.vectors, self.cfg, self.ved, torch.Generator().manual_seed(step_seed),
                           step_seed, self.reward_weights, self.discounts)
+        r = r.masked() if empty else r
         parts = rl_step(self.policy, self.value_head, self.optimizer, r, self.cfg, self.gamma, self.d)
         return {"loss": parts["grpo_loss"] + parts["sibling_loss"], **_rollout_stats(r), **parts}
 
     def validate(self) -> dict[str, float]:
-        """Validation Recall/NDCG by beam search over this rank's shard of users, gathered."""
+        """Validation Recall/NDCG by beam search over this rank's validation users, gathered."""
         with torch.no_grad():
-            ranks = recommender_ranks(self.policy, self.trie, self.valid, self.cfg.beam_width,
-                                      (self.d.rank, self.d.world))
+            ranks = recommender_ranks(self.policy, self.trie, self.valid, self.cfg.beam_width)
         return rank_metrics(ranks, self.d)
 
 
@@ -234,7 +248,7 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     cfg = RlConfig.model_validate({**preset.rl.model_dump(), **(overrides or {})})
     if cfg.batch_size < d.world:
         raise ValueError(f"rl.batch_size {cfg.batch_size} is smaller than the {d.world} ranks: give each a context")
-    ds = load_dataset(data)
+    ds = load_dataset(data, shard=(d.rank, d.world))  # this rank's users; the catalog is whole
     bundle.check_catalog(ds)
     if cfg.rollout == "ved" and not bundle.has("value.safetensors"):
         raise ValueError(f"VED rollouts need the bundle's value head: run `genrec train value --bundle {bundle_path} "
@@ -247,15 +261,15 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
     value_head.eval()
     discounts = preset.reward.discounts
     pairs = train_pairs(train_sequences(ds), policy.cfg.max_history, len(discounts))
-    valid = eval_split(ds, "valid", policy.cfg.max_history)
-    valid = valid.sample(cfg.valid_users, cfg.seed)
+    valid = validation_shard(ds, policy.cfg.max_history, cfg.valid_users, cfg.seed, d)
     task = RlTask(policy, value_head, policy.trie, torch.as_tensor(bundle.codes).long(),
-                  F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1), pairs, valid, cfg,
-                  preset.ved, preset.value.gamma, preset.value.reward_weights, d, discounts)
+                  F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1), pairs,
+                  row_keys(ds, pairs.users), valid, cfg, preset.ved, preset.value.gamma,
+                  preset.value.reward_weights, d, discounts)
     if d.main:
-        log(f"rl: {len(pairs.targets)} training contexts, {cfg.rollout} rollouts of {cfg.group_size}, "
-            f"{preset.reward.kind} reward, "
-            f"{len(valid.targets)} validation users, run dir {run_dir}")
+        log(f"rl: {task.local_rows.n} training contexts, {cfg.rollout} rollouts of {cfg.group_size}, "
+            f"{preset.reward.kind} reward, {'all' if cfg.valid_users is None else cfg.valid_users} validation "
+            f"users, run dir {run_dir}")
     # The SFT policy is validated first: the bar RL has to clear, and the weights kept if it never does.
     loop = LoopConfig(seed=cfg.seed, max_minutes=cfg.max_minutes, max_steps=cfg.max_steps,
                       checkpoint_every=cfg.checkpoint_every, eval_every_epochs=None, eval_every_steps=cfg.eval_every,

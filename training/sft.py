@@ -10,20 +10,19 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import Preset, TrainConfig, load_preset
-import numpy as np
-
-from genrec.core.data import (Dataset, Split, eval_split, load_dataset, seeded_subset, train_sequences,
-                              train_windows)
+from genrec.core.data import Dataset, Split, load_dataset, train_sequences, train_windows
 from genrec.evaluation import recommender_ranks, sasrec_ranks
 from genrec.models.loading import SASREC_FILE, load_trie
 from genrec.models.recommender import Recommender
 from genrec.models.sasrec import SASRec
-from genrec.training.loop import (Dist, LoopConfig, Supervised, gather_objects, init_distributed, load_best, run,
-                                  run_summary, supervised_loop)
+from genrec.training.loop import (Dist, LoopConfig, Supervised, init_distributed, load_best, run, run_summary,
+                                  supervised_loop)
+from genrec.training.shards import row_keys, validation_shard
 
 
 def _setup(bundle_path: str | Path, data: str | Path, preset_name: str | None, d: Dist):
@@ -40,16 +39,7 @@ def _shard_data(ds: Dataset, fit: str, max_history: int, cfg: TrainConfig, d: Di
     """This rank's training windows, their keys (user position in the dataset, window), and its validation users:
     those of its shard among one seeded sample of valid_users drawn over the whole split (what one process draws)."""
     windows, owner = train_windows(train_sequences(ds, fit), max_history, with_owner=True)
-    nth = np.arange(len(owner)) - np.searchsorted(owner, owner)  # the window's rank within its user
-    keys = np.stack([ds.positions[owner], nth], 1)
-    valid = eval_split(ds, "valid", max_history)
-    if cfg.valid_users is None:
-        return windows, keys, valid
-    mine = ds.positions[[len(s) >= 3 for s in ds.sequences]]  # eval_split keeps these users, in this order
-    every = np.sort(np.concatenate(gather_objects(mine, d)))
-    chosen = every[seeded_subset(len(every), cfg.valid_users, cfg.seed)]  # what Split.sample draws in one process
-    keep = np.isin(mine, chosen)
-    return windows, keys, Split(valid.users[keep], valid.histories[keep], valid.targets[keep])
+    return windows, row_keys(ds, owner), validation_shard(ds, max_history, cfg.valid_users, cfg.seed, d)
 
 
 def _loop(cfg: TrainConfig, max_steps: int | None, fit: str, bundle: Bundle, name: str) -> tuple[LoopConfig, dict]:

@@ -6,8 +6,8 @@ the TD target r_l + gamma * V(s_{l+1}) (genrec.models.value). Validation, after 
 validation users and a fixed seed: the TD loss, and how well V of the last forwarded prefix separates rollouts that hit
 the target from those that miss (its mean on each side and the AUC). The head with the lowest validation TD loss is
 written into the bundle as value.safetensors. The rollouts of a step are a function of (seed, step), so a killed run
-resumes exactly (`--resume`); under torchrun every rank fits its slice of each batch and validates its shard of the
-users.
+resumes exactly (`--resume`). Under torchrun each rank reads only its shard of the users, fits the rows of each batch
+it holds (the loss is the mean over the whole batch) and validates its users of the one validation sample.
 """
 
 from __future__ import annotations
@@ -16,18 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import RewardConfig, ValueConfig, load_preset
-from genrec.core.data import eval_split, load_dataset, train_pairs, train_sequences
+from genrec.core.data import Split, load_dataset, train_pairs, train_sequences
 from genrec.models.decoding import Trie, sample
 from genrec.models.loading import load_recommender
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead, td_targets, window_level_rewards
 from genrec.training.loop import (Dist, LoopConfig, gather_ranks, init_distributed, load_best, random_batches, run,
                                   run_summary)
+from genrec.training.shards import RowShard, row_keys, validation_shard
 
 
 class RolloutScorer:
@@ -54,9 +56,14 @@ class RolloutScorer:
                                        self.discounts)
         return (states, prefix_logp), rewards, (items[:, None] == window).any(1)
 
-    def loss(self, head: ValueHead, prefixes, rewards) -> tuple[torch.Tensor, torch.Tensor]:
+    def errors(self, head: ValueHead, prefixes, rewards) -> tuple[torch.Tensor, torch.Tensor]:
+        """Squared TD errors (R, D) and the values (R, D)."""
         values = head(*prefixes)
-        return F.mse_loss(values, td_targets(values, rewards, self.cfg.gamma)), values
+        return (values - td_targets(values, rewards, self.cfg.gamma)) ** 2, values
+
+    def loss(self, head: ValueHead, prefixes, rewards) -> tuple[torch.Tensor, torch.Tensor]:
+        errors, values = self.errors(head, prefixes, rewards)
+        return errors.mean(), values
 
 
 def auc(pos: np.ndarray, neg: np.ndarray) -> float:
@@ -68,36 +75,46 @@ def auc(pos: np.ndarray, neg: np.ndarray) -> float:
 
 
 class ValueTask:
-    """The value head's task for the training loop: the policy stays frozen, each step fits V on fresh rollouts."""
+    """The value head's task for the training loop: the policy stays frozen, each step fits V on fresh rollouts.
+    `pairs` are this rank's (history, next items) pairs, `keys` place them among every rank's (training.shards)."""
 
     best_modules = ("value_head",)
 
-    def __init__(self, scorer: RolloutScorer, head: ValueHead, histories: np.ndarray, windows: np.ndarray,
-                 valid_histories: np.ndarray, valid_windows: np.ndarray, cfg: ValueConfig, d: Dist):
+    def __init__(self, scorer: RolloutScorer, head: ValueHead, pairs: Split, keys: np.ndarray, valid: Split,
+                 cfg: ValueConfig, d: Dist):
         self.scorer, self.head, self.cfg, self.d = scorer, head, cfg, d
-        self.histories, self.windows = histories, windows
-        self.valid = (np.array_split(valid_histories, d.world)[d.rank], np.array_split(valid_windows, d.world)[d.rank])
+        self.histories, self.windows = pairs.histories, pairs.futures()
+        self.local_rows = RowShard(keys, d)
+        self.valid = valid
         self.modules = {"value_head": head}
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.01)
         self.forward = torch.nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
 
     def batches(self, epoch: int) -> list[np.ndarray]:
-        return random_batches(len(self.windows), self.cfg.batch_size, [self.cfg.seed, epoch])
+        return random_batches(self.local_rows.n, self.cfg.batch_size, [self.cfg.seed, epoch])
 
     def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
         self.head.train()
+        weight = float(len(rows) > 0)  # a rank may hold no row of a batch: it fits one at weight 0, DDP needs a step
+        rows = rows if len(rows) else np.zeros(1, dtype=np.int64)
         g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # rollouts a function of the step
         states, rewards, _ = self.scorer.rollouts(torch.as_tensor(self.histories[rows]),
                                                   torch.as_tensor(self.windows[rows]), g)
-        loss, _ = self.scorer.loss(self.forward, states, rewards)
+        errors, _ = self.scorer.errors(self.forward, states, rewards)
+        # The mean over the whole batch's errors: DDP averages the ranks' gradients, so each sum is scaled by world.
+        total = torch.tensor([errors.numel() * weight, float(errors.detach().sum()) * weight], dtype=torch.float64)
+        if self.d.world > 1:
+            dist.all_reduce(total)
+        loss = errors.sum() * (weight * self.d.world / float(total[0]))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.item()}
+        return {"loss": float(total[1] / total[0])}
 
     def validate(self) -> dict[str, float]:
         """On this rank's shard of a fixed sample of validation users, with a fixed seed; gathered over the ranks."""
-        return validate(self.scorer, self.head, *self.valid, self.cfg.batch_size, self.cfg.seed, self.d)
+        return validate(self.scorer, self.head, self.valid.histories, self.valid.futures(), self.cfg.batch_size,
+                        self.cfg.seed, self.d)
 
 
 @torch.no_grad()
@@ -126,7 +143,7 @@ def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | No
     bundle = Bundle.load(bundle_path)
     preset = load_preset(preset_name) if preset_name else bundle.preset
     cfg = ValueConfig.model_validate({**preset.value.model_dump(), **(overrides or {})})
-    ds = load_dataset(data)
+    ds = load_dataset(data, shard=(d.rank, d.world))  # this rank's users; the catalog is whole
     bundle.check_catalog(ds)
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "value")
     policy = load_recommender(bundle)
@@ -134,20 +151,19 @@ def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | No
         p.requires_grad_(False)
     scorer = RolloutScorer(policy, policy.trie, bundle.item_vectors, bundle.codes, cfg, preset.reward)
 
-    # Every (history, next items) pair of the training part of the sequences.
+    # Every (history, next items) pair of the training part of this rank's sequences.
     pairs = train_pairs(train_sequences(ds), policy.cfg.max_history, len(preset.reward.discounts))
-    valid = eval_split(ds, "valid", policy.cfg.max_history)
-    pick = np.random.default_rng(cfg.seed).permutation(len(valid.targets))[: cfg.valid_users]
+    valid = validation_shard(ds, policy.cfg.max_history, cfg.valid_users, cfg.seed, d)
     # Validation rewards look at the validation item only: the item after it is the test item, which no choice made
     # in training may see (a horizon reward's window is truncated there, as at the end of a training sequence).
-    valid_windows = np.full((len(pick), pairs.futures().shape[1]), -1, dtype=np.int64)
-    valid_windows[:, 0] = valid.targets[pick]
+    window = np.full((len(valid.targets), pairs.futures().shape[1]), -1, dtype=np.int64)
+    window[:, 0] = valid.targets
+    valid = Split(valid.users, valid.histories, valid.targets, window)
     torch.manual_seed(cfg.seed)
-    task = ValueTask(scorer, ValueHead(policy.cfg.d_model), pairs.histories, pairs.futures(), valid.histories[pick],
-                     valid_windows, cfg, d)
+    task = ValueTask(scorer, ValueHead(policy.cfg.d_model), pairs, row_keys(ds, pairs.users), valid, cfg, d)
     if d.main:
-        log(f"value: {len(pairs.targets)} training pairs x {cfg.rollouts} rollouts ({preset.reward.kind} reward), "
-            f"{len(pick)} validation users, run dir {run_dir}")
+        log(f"value: {task.local_rows.n} training pairs x {cfg.rollouts} rollouts ({preset.reward.kind} reward), "
+            f"{'all' if cfg.valid_users is None else cfg.valid_users} validation users, run dir {run_dir}")
     loop = LoopConfig(seed=cfg.seed, max_minutes=cfg.max_minutes, max_epochs=cfg.max_epochs, checkpoint_every=50,
                       metric="valid_td_loss", higher_is_better=False, log_every=20,
                       curve_keys=("valid_td_loss", "value_auc"))
