@@ -37,10 +37,11 @@ CONFIGS = {  # name -> serve options
 class Server:
     """`python -m genrec.server` on free ports; its stderr is collected so the ports can be read from the log."""
 
-    def __init__(self, bundle: Path, max_batch_size: int, max_wait_ms: float, max_queue: int):
+    def __init__(self, bundle: Path, max_batch_size: int, max_wait_ms: float, max_queue: int,
+                 extra: tuple[str, ...] = ()):
         args = [sys.executable, "-m", "genrec.server", "--bundle", str(bundle), "--port", "0", "--metrics-port", "0",
                 "--max-batch-size", str(max_batch_size), "--max-wait-ms", str(max_wait_ms),
-                "--max-queue", str(max_queue)]
+                "--max-queue", str(max_queue), *extra]
         self.proc = subprocess.Popen(args, cwd=ROOT, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, "PYTHONUNBUFFERED": "1"})
         self.log: list[str] = []

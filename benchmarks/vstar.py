@@ -36,7 +36,7 @@ from genrec.core.atomic import write_json
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.data import eval_split, load_dataset, seeded_subset, window_split
 from genrec.core.metrics import ranking_metrics, window_metrics
-from genrec.evaluation import generate_topk, invalid_rate
+from genrec.evaluation import fit_of, generate_topk, invalid_rate
 from genrec.models.decoding import beam_search
 from genrec.models.loading import load_recommender, load_value_head
 from genrec.models.ved import beam_budget
@@ -174,6 +174,9 @@ def main() -> None:
 
     ds = load_dataset(args.data)
     sft = Bundle.load(args.bundle)
+    if fit_of(sft, "sft") != "valid":
+        raise SystemExit(f"{args.bundle}: the recommender was fitted with the validation items (--fit test), and the "
+                         "window holds them: train it with --fit valid for this comparison")
     max_history = sft.preset.recommender.max_history
     window, test = window_split(ds, max_history), eval_split(ds, "test", max_history)
     pick = seeded_subset(len(window.targets), args.users, args.seed)  # the same users in both splits

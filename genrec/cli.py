@@ -39,6 +39,8 @@ def clear_errors(fn):
 
 
 Data = Annotated[Path, typer.Option(help="dataset folder (items.jsonl + sequential_data.txt or interactions.csv)")]
+Device = Annotated[str, typer.Option(help="where to compute: auto (CUDA when torch sees a GPU, else CPU), cpu, cuda "
+                                          "or cuda:N (under torchrun, cuda is each rank's own GPU)")]
 BundlePath = Annotated[Path, typer.Option("--bundle", help="bundle directory")]
 
 
@@ -89,7 +91,8 @@ def build(data: Data, out: Annotated[Path, typer.Option(help="bundle directory t
           vectors: Annotated[Optional[Path], typer.Option(
               help="precomputed item vectors instead of embedding the catalog: an .npy (rows in items.jsonl order) "
                    "or a .safetensors file with 'vectors' and optional 'item_ids'. The bundle then serves Search by "
-                   "vector and Recommend, not Embed or text Search")] = None):
+                   "vector and Recommend, not Embed or text Search")] = None,
+          device: Device = "auto"):
     """Embed the catalog, build the FAISS index and the semantic IDs: a new bundle."""
     from genrec.core.config import load_preset, preset_for_catalog
     from genrec.core.data import load_dataset
@@ -100,7 +103,7 @@ def build(data: Data, out: Annotated[Path, typer.Option(help="bundle directory t
         typer.echo(f"preset {preset} (auto, for the size of the catalog)")
     recipe = load_preset(preset)
     recipe = recipe.model_copy(update={"embedder": _embedder_config(recipe.embedder, backbone, prompt)})
-    build_bundle(data, out, recipe, preset, vectors_file=vectors)
+    build_bundle(data, out, recipe, preset, vectors_file=vectors, device=device)
 
 
 @app.command()
@@ -141,6 +144,7 @@ def _train_command(kind: str):
             help="valid: train on all but each user's last two items, keep the best weights on the validation split; "
                  "test: train again with the validation item included, for the epochs the valid fit chose (the "
                  "eSASRec protocol, before `genrec eval --split test --filter-seen`)")] = SplitName.valid,
+        device: Device = "auto",
     ):
         from genrec.training.sft import train_sasrec, train_sft
 
@@ -148,7 +152,7 @@ def _train_command(kind: str):
         overrides = _train_overrides(max_minutes=max_minutes, max_epochs=max_epochs, batch_size=batch_size, lr=lr,
                                      checkpoint_every=checkpoint_every, eval_every=eval_every, seed=seed,
                                      valid_users=valid_users)
-        fn(bundle, data, preset, run_dir, resume, overrides, max_steps, fit.value)
+        fn(bundle, data, preset, run_dir, resume, overrides, max_steps, fit.value, device=device)
 
     command.__doc__ = {"sft": "Supervised next-item training of the recommender (semantic-ID generation).",
                        "sasrec": "Train the SASRec baseline (item ids; full or sampled softmax) under the same "
@@ -172,12 +176,14 @@ def train_value(
     max_epochs: Annotated[Optional[int], typer.Option(min=1, help="epoch limit")] = None,
     rollouts: Annotated[Optional[int], typer.Option(min=1, max=256, help="policy samples per pair")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+    device: Device = "auto",
 ):
     """Fit the value head (V-STAR) on the SFT policy's own rollouts with dense per-level rewards and TD targets."""
     from genrec.training.value import train_value as run
 
     run(bundle, data, preset, run_dir, resume,
-        _train_overrides(max_minutes=max_minutes, max_epochs=max_epochs, rollouts=rollouts, seed=seed))
+        _train_overrides(max_minutes=max_minutes, max_epochs=max_epochs, rollouts=rollouts, seed=seed),
+        device=device)
 
 
 class Rollout(str, Enum):
@@ -226,6 +232,7 @@ def train_rl(
     valid_users: Annotated[Optional[int], typer.Option(min=16, help="validation users (default: all)")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(min=1, help="steps between checkpoints")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+    device: Device = "auto",
 ):
     """Sibling-GRPO reinforcement learning of the recommender from its SFT weights (VED rollouts by default)."""
     from genrec.training.rl import train_rl as run
@@ -239,7 +246,7 @@ def train_rl(
         seed=seed)
     if clip is not None:
         overrides["clip"] = clip or None  # 0 turns clipping off
-    run(bundle, data, preset, run_dir, resume, overrides)
+    run(bundle, data, preset, run_dir, resume, overrides, device=device)
 
 
 @train_app.command("embedder")
@@ -266,6 +273,7 @@ def train_embedder(
     batch_size: Annotated[Optional[int], typer.Option(min=2, help="pairs per step (global)")] = None,
     lr: Annotated[Optional[float], typer.Option(min=0.0, help="peak learning rate")] = None,
     seed: Annotated[Optional[int], typer.Option(help="seed")] = None,
+    device: Device = "auto",
 ):
     """Contrastive fine-tuning of the embedder on item-to-next-item pairs (SaHa hard negatives by default)."""
     from genrec.core.config import EmbedderTrainConfig, load_preset
@@ -278,7 +286,7 @@ def train_embedder(
     cfg = EmbedderTrainConfig.model_validate({**recipe.embedder_train.model_dump(), **_train_overrides(
         hard_negatives=hard_negatives, k=k, pool=pool, temperature=temperature, max_minutes=max_minutes,
         max_epochs=max_epochs, batch_size=batch_size, lr=lr, seed=seed)})
-    run(data, out, emb, cfg, run_dir, resume, max_steps)
+    run(data, out, emb, cfg, run_dir, resume, max_steps, device=device)
 
 
 @embedder_app.command("eval")
@@ -291,6 +299,7 @@ def embedder_eval(
     split: Annotated[str, typer.Option(help="held-out pairs: valid or test")] = "test",
     max_length: Annotated[Optional[int], typer.Option(min=8, help="tokens per text, prompt included")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="write the results as JSON here")] = None,
+    device: Device = "auto",
 ):
     """Item-to-next-item retrieval on held-out pairs: Recall/NDCG@5/10 of the true next item over the catalog."""
     from genrec.core.config import load_preset
@@ -299,7 +308,7 @@ def embedder_eval(
     emb = _embedder_config(load_preset(preset).embedder, backbone, prompt)
     if max_length is not None:
         emb = emb.model_copy(update={"max_length": max_length})
-    results = eval_embedder(data, emb, split)
+    results = eval_embedder(data, emb, split, device=device)
     if json_out:
         from genrec.core.atomic import write_json
 
@@ -351,6 +360,12 @@ def index_build(
                f"{report['exact_ms_per_query']:.3f}) on {report['queries']} item queries")
 
 
+class EvalSplit(str, Enum):
+    valid = "valid"
+    test = "test"
+    window = "window"
+
+
 class Decoding(str, Enum):
     beam = "beam"
     ved = "ved"
@@ -361,7 +376,9 @@ class Decoding(str, Enum):
 def evaluate(
     bundle: BundlePath,
     data: Data,
-    split: Annotated[SplitName, typer.Option(help="leave-one-out split")] = SplitName.test,
+    split: Annotated[EvalSplit, typer.Option(help="leave-one-out split (valid, test), or window: the validation "
+                                             "context against its last two items (window-Recall/NDCG, the horizon "
+                                             "reward's evaluation)")] = EvalSplit.test,
     decoding: Annotated[Decoding, typer.Option(help="decoding strategy")] = Decoding.beam,
     beam_width: Annotated[int, typer.Option(min=1, max=1024, help="beam width (>= k for beam; VED's initial beam)")] = 20,
     budget: Annotated[Optional[int], typer.Option(min=1, max=100_000, help="VED: model forwards per user "
@@ -374,6 +391,7 @@ def evaluate(
     rescore: Annotated[Optional[float], typer.Option(min=0.0, max=100.0, help="weight of the item-level score in "
                                                      "the beam's final ranking (default: the bundle's "
                                                      "recommender.rescore, what the server uses)")] = None,
+    device: Device = "auto",
 ):
     """Full-catalog Recall/NDCG@5/10 and invalid rate of the recommender, with popularity and SASRec baselines."""
     from genrec.core.bundle import Bundle
@@ -385,7 +403,7 @@ def evaluate(
     if decoding == Decoding.beam and budget is not None:
         raise ValueError("--budget applies to --decoding ved; beam search spends 1 + (D - 1) * beam_width forwards")
     results = run(Bundle.load(bundle), load_dataset(data), split.value, k, beam_width, predictions,
-                  decoding=decoding.value, budget=budget, filter_seen=filter_seen, rescore=rescore)
+                  decoding=decoding.value, budget=budget, filter_seen=filter_seen, rescore=rescore, device=device)
     if json_out:
         from genrec.core.atomic import write_json
 

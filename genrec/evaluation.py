@@ -1,6 +1,8 @@
 """Full-catalog evaluation (leave-one-out, Recall/NDCG@5/10) of the recommender and its baselines.
 
 Metrics are computed from the ranked lists that are also written as predictions, so anyone can recompute them.
+The "window" split is the horizon evaluation (DESIGN.md, Rewards): the validation context against its window of the
+last two items, scored by window-Recall/NDCG@10 next to the next-item metrics of the same lists.
 A missing or invalid slot (no item, a duplicate) is a miss and counts in the invalid rate. Two protocols: TIGER's
 (nothing filtered) and, with `filter_seen`, the eSASRec / RecTools one, where the items a user already has are kept
 out of every model's list (the 5-core data hold no repeated items, so a seen item is never the target).
@@ -18,8 +20,9 @@ import torch
 from genrec.core.atomic import atomic_file
 from genrec.core.bundle import Bundle
 from genrec.core.config import EmbedderConfig, VedConfig
-from genrec.core.data import Dataset, Split, eval_split, load_dataset, popularity, seen_items
-from genrec.core.metrics import hit_ranks, metrics_from_ranks, ranking_metrics
+from genrec.core.data import Dataset, Split, eval_split, load_dataset, popularity, seen_items, window_split
+from genrec.core.device import resolve_device
+from genrec.core.metrics import hit_ranks, metrics_from_ranks, ranking_metrics, window_metrics
 from genrec.models.decoding import Trie, beam_search
 from genrec.models.embedder import Embedder
 from genrec.models.loading import SASREC_FILE, load_recommender, load_sasrec, load_value_head
@@ -27,6 +30,10 @@ from genrec.models.recommender import Recommender
 from genrec.models.sasrec import SASRec
 from genrec.models.value import ValueHead
 from genrec.models.ved import beam_budget, ved_decode
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 def seen_mask(seen: list[np.ndarray] | None, rows: slice, n_items: int) -> torch.Tensor | None:
@@ -50,19 +57,20 @@ def generate_topk(model: Recommender, trie: Trie, histories: np.ndarray, k: int,
     seen: per user, items never to return."""
     items = [np.zeros((0, k), dtype=np.int64)]  # a shard may have no users: (0, k), not an error
     scores, forwards = [np.zeros((0, k), dtype=np.float32)], [np.zeros(0, dtype=np.int64)]
+    device = model_device(model)
     for s in range(0, len(histories), batch_size):
         h = torch.as_tensor(histories[s: s + batch_size])
-        h = h[:, -max(1, int((h >= 0).sum(1).max())):]  # drop columns that are padding for the whole batch
+        h = h[:, -max(1, int((h >= 0).sum(1).max())):].to(device)  # drop columns of padding for the whole batch
         exclude = None if seen is None else trie.exclusion(seen[s: s + batch_size])
         if decoding == "ved":
             rec = ved_decode(model, value_head, trie, h, k, beam_width, budget, ved, exclude)
-            forwards.append(rec.forwards.numpy())
+            forwards.append(rec.forwards.cpu().numpy())
         else:
             rec = beam_search(model, trie, h, beam_width, min(k, beam_width), exclude)
             forwards.append(np.full(len(h), beam_budget(trie.depth, beam_width)))
         got = rec.items.shape[1]
-        items.append(np.pad(rec.items.numpy(), ((0, 0), (0, k - got)), constant_values=-1))
-        scores.append(np.pad(rec.scores.numpy(), ((0, 0), (0, k - got)), constant_values=-np.inf))
+        items.append(np.pad(rec.items.cpu().numpy(), ((0, 0), (0, k - got)), constant_values=-1))
+        scores.append(np.pad(rec.scores.float().cpu().numpy(), ((0, 0), (0, k - got)), constant_values=-np.inf))
     return np.concatenate(items), np.concatenate(scores), np.concatenate(forwards)
 
 
@@ -70,12 +78,13 @@ def generate_topk(model: Recommender, trie: Trie, histories: np.ndarray, k: int,
 def sasrec_topk(model: SASRec, histories: np.ndarray, k: int, batch_size: int = 512,
                 seen: list[np.ndarray] | None = None) -> np.ndarray:
     out = [np.zeros((0, k), dtype=np.int64)]
+    device = model_device(model)
     for s in range(0, len(histories), batch_size):
-        scores = model.scores(torch.as_tensor(histories[s: s + batch_size]))  # (B, N)
+        scores = model.scores(torch.as_tensor(histories[s: s + batch_size]).to(device))  # (B, N)
         exclude = seen_mask(seen, slice(s, s + batch_size), model.n_items)
         if exclude is not None:
-            scores = scores.masked_fill(exclude, float("-inf"))
-        out.append(scores.topk(k, dim=1).indices.numpy())
+            scores = scores.masked_fill(exclude.to(device), float("-inf"))
+        out.append(scores.topk(k, dim=1).indices.cpu().numpy())
     return np.concatenate(out)
 
 
@@ -122,6 +131,8 @@ def write_predictions(path: Path, split: Split, topk_rows: np.ndarray, scores: n
             row = topk_rows[i]
             rec = {"user": int(user), "target": int(item_ids[split.targets[i]]),
                    "topk": [int(item_ids[r]) if r >= 0 else None for r in row]}
+            if split.window is not None:
+                rec["window"] = [int(item_ids[w]) for w in split.window[i] if w >= 0]
             if scores is not None:
                 rec["scores"] = [round(float(s), 5) if np.isfinite(s) else None for s in scores[i]]
             f.write(json.dumps(rec) + "\n")
@@ -134,34 +145,47 @@ def fit_of(bundle: Bundle, model: str) -> str:
 
 def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_width: int = 20,
              predictions: Path | None = None, log=print, decoding: str = "beam", budget: int | None = None,
-             filter_seen: bool = False, rescore: float | None = None) -> dict:
-    """Evaluate the bundle's recommender and the baselines on one split; returns the results as a dict.
+             filter_seen: bool = False, rescore: float | None = None, device: str = "cpu") -> dict:
+    """Evaluate the bundle's recommender and the baselines on one split, on `device`; returns the results as a dict.
     decoding "beam" (width beam_width) or "ved" (initial beam beam_width, `budget` forwards, default the beam's).
     filter_seen keeps each user's earlier items out of every list (the eSASRec protocol). rescore: the weight of
     the item-level score in the beam's ranking, instead of the bundle's."""
     bundle.check_catalog(ds)
-    if split_name == "valid" and fit_of(bundle, "sft") == "test":
+    if split_name not in ("valid", "test", "window"):
+        raise ValueError(f"split must be valid, test or window, got {split_name!r}")
+    context = "test" if split_name == "test" else "valid"  # the window split starts from the validation context
+    if context == "valid" and fit_of(bundle, "sft") == "test":
         raise ValueError(f"{bundle.path}: the recommender was fitted with the validation items (`--fit test`), so "
-                         "the validation split would be scored on its own training data: evaluate --split test")
-    model = load_recommender(bundle)
+                         f"the {split_name} split would be scored on its own training data: evaluate --split test")
+    device = str(resolve_device(device))
+    model = load_recommender(bundle, device)
     trie = model.trie
     if rescore is not None:
         model.cfg = model.cfg.model_validate({**model.cfg.model_dump(), "rescore": rescore})
-    split = eval_split(ds, split_name, model.cfg.max_history)
-    seen = seen_items(ds, split_name) if filter_seen else None
+
+    def split_of(max_history: int) -> Split:
+        return window_split(ds, max_history) if split_name == "window" else eval_split(ds, split_name, max_history)
+
+    def metrics_of(topk: np.ndarray) -> dict[str, float]:
+        m = ranking_metrics(topk, split.targets)
+        return {**m, **window_metrics(topk, split.window, (5, 10))} if split.window is not None else m
+
+    split = split_of(model.cfg.max_history)
+    seen = seen_items(ds, context) if filter_seen else None
     item_ids = bundle.catalog.ids
-    value_head = load_value_head(bundle) if decoding == "ved" else None
+    value_head = load_value_head(bundle, device) if decoding == "ved" else None
     budget = budget or beam_budget(trie.depth, beam_width)
     results: dict = {"split": split_name, "users": int(len(split.targets)), "items": len(bundle.catalog),
                      "decoding": decoding, "beam_width": beam_width, "budget": budget, "k": k,
-                     "filter_seen": filter_seen, "fit": fit_of(bundle, "sft"), "rescore": model.cfg.rescore}
+                     "filter_seen": filter_seen, "fit": fit_of(bundle, "sft"), "rescore": model.cfg.rescore,
+                     "device": device}
     if decoding == "ved":
         results["ved"] = bundle.preset.ved.model_dump()
     t0 = time.time()
     topk, scores, forwards = generate_topk(model, trie, split.histories, k, beam_width, decoding=decoding,
                                            value_head=value_head, budget=budget, ved=bundle.preset.ved, seen=seen)
     elapsed = time.time() - t0
-    metrics = ranking_metrics(topk, split.targets)
+    metrics = metrics_of(topk)
     results.update(metrics)
     results["invalid_rate"] = invalid_rate(topk)
     results["forwards_per_user"] = round(float(forwards.mean()), 2)
@@ -170,12 +194,12 @@ def evaluate(bundle: Bundle, ds: Dataset, split_name: str, k: int = 10, beam_wid
     if predictions is not None:
         write_predictions(Path(predictions), split, topk, scores, item_ids)
 
-    counts = popularity(seen_items(ds, split_name), len(bundle.catalog))
-    baselines = {"popularity": ranking_metrics(popularity_topk(counts, len(split.targets), k, seen), split.targets)}
-    if bundle.has(SASREC_FILE) and not (split_name == "valid" and fit_of(bundle, "sasrec") == "test"):
-        sas = load_sasrec(bundle)
-        histories = eval_split(ds, split_name, sas.cfg.max_history).histories  # its own window (e.g. 50 items)
-        baselines["sasrec"] = ranking_metrics(sasrec_topk(sas, histories, k, seen=seen), split.targets)
+    counts = popularity(seen_items(ds, context), len(bundle.catalog))
+    baselines = {"popularity": metrics_of(popularity_topk(counts, len(split.targets), k, seen))}
+    if bundle.has(SASREC_FILE) and not (context == "valid" and fit_of(bundle, "sasrec") == "test"):
+        sas = load_sasrec(bundle, device)
+        histories = split_of(sas.cfg.max_history).histories  # its own window (e.g. 50 items)
+        baselines["sasrec"] = metrics_of(sasrec_topk(sas, histories, k, seen=seen))
         results["fit_sasrec"] = fit_of(bundle, "sasrec")
     results["baselines"] = baselines
     for name, m in [("genrec", metrics), *baselines.items()]:
@@ -226,13 +250,14 @@ def evaluate_retrieval(embedder, texts: list[str], pairs: np.ndarray, shard: tup
     return retrieval_ranks(queries, docs, pairs)
 
 
-def eval_embedder(data: str | Path, embedder_cfg: EmbedderConfig, split: str = "test", log=print) -> dict:
+def eval_embedder(data: str | Path, embedder_cfg: EmbedderConfig, split: str = "test", log=print,
+                  device: str = "cpu") -> dict:
     if split not in ("valid", "test"):
         raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
     ds = load_dataset(data)
     texts = [it.text for it in ds.catalog.items]
     pairs = heldout_pairs(ds, split)
-    ranks = evaluate_retrieval(Embedder(embedder_cfg), texts, pairs, progress=True)
+    ranks = evaluate_retrieval(Embedder(embedder_cfg, str(resolve_device(device))), texts, pairs, progress=True)
     result = {"split": split, "pairs": int(len(pairs)), "items": len(texts), **metrics_from_ranks(ranks),
               "embedder": embedder_cfg.model_dump()}
     log(f"{split}: {len(pairs)} pairs over {len(texts)} items: recall@10 {result['recall@10']:.4f} "

@@ -289,7 +289,7 @@ class Embedder(torch.nn.Module):
     def encode(self, inputs: Sequence[str | EmbedInput], role: Role = "query", truncate: bool = False,
                progress: bool = False) -> np.ndarray:
         """Texts (str) or EmbedInputs -> (N, D). truncate=False makes an over-long text an error naming it."""
-        return encode_batches(self.inputs, lambda b: self(b).cpu().numpy(), self.dim, inputs, role, truncate,
+        return encode_batches(self.inputs, lambda b: self(b).float().cpu().numpy(), self.dim, inputs, role, truncate,
                               self.cfg.batch_size, progress)
 
     def save_pretrained(self, path: Path) -> None:

@@ -61,6 +61,23 @@ def load_index(path: Path, cfg: IndexConfig) -> faiss.Index:
     return tune(faiss.read_index(str(path)), cfg)
 
 
+_GPU_RESOURCES: dict[int, object] = {}  # one set of FAISS GPU resources (streams, scratch memory) per device
+
+
+def on_device(index: faiss.Index, device: str) -> faiss.Index:
+    """The index on GPU `device` (cuda or cuda:N) where FAISS has GPU support (faiss-gpu, the `gpu` extra) and a GPU
+    version of its structure (Flat, IVF; the id map comes along); else the index itself, searched on the host (HNSW
+    is CPU-only in FAISS, and faiss-cpu has no GPU at all)."""
+    if not str(device).startswith("cuda") or not hasattr(faiss, "StandardGpuResources"):
+        return index
+    gpu = int(str(device).partition(":")[2] or 0)
+    resources = _GPU_RESOURCES.setdefault(gpu, faiss.StandardGpuResources())
+    try:
+        return faiss.index_cpu_to_gpu(resources, gpu, index)
+    except RuntimeError:  # a structure FAISS has no GPU version of
+        return index
+
+
 def recall_against_exact(index: faiss.Index, vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray,
                          k: int = 10) -> dict:
     """Recall@k of `index` against exact search over the same vectors, and milliseconds per query of both."""

@@ -8,7 +8,7 @@ import torch
 
 from genrec.core.bundle import Bundle, BundleError
 from genrec.models.decoding import Trie
-from genrec.models.index import load_index
+from genrec.models.index import load_index, on_device
 from genrec.models.recommender import Recommender
 from genrec.models.sasrec import SASRec
 from genrec.models.semantic_ids import PrefixTrie
@@ -45,7 +45,8 @@ def load_sasrec(bundle: Bundle, device: str = "cpu") -> SASRec:
     return SASRec.load(bundle.path / SASREC_FILE, device)
 
 
-def load_search_index(bundle: Bundle) -> faiss.Index:
-    """The FAISS index with the preset's search parameters (search returns item ids; bundles written before the id
-    map return catalog rows, see the server's Engine)."""
-    return load_index(bundle.path / "index.faiss", bundle.preset.index)
+def load_search_index(bundle: Bundle, device: str = "cpu") -> faiss.Index:
+    """The FAISS index with the preset's search parameters, on the GPU when `device` is one and FAISS can (see
+    genrec.models.index.on_device). Search returns item ids; bundles written before the id map return catalog rows,
+    see the server's Engine."""
+    return on_device(load_index(bundle.path / "index.faiss", bundle.preset.index), device)

@@ -89,7 +89,8 @@ class ServerConfig(Frozen):
     threads: int = Field(
         0, ge=0, le=1024, description="compute threads of torch, FAISS and ONNX Runtime; 0 = every core this "
         "process may use (`--workers N` gives each worker its share)")
-    device: str = Field("cpu", description="torch device of the recommender and the embedder: cpu, cuda, cuda:1")
+    device: str = Field("auto", description="device of the recommender, the embedder and (with faiss-gpu) the index: "
+                        "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     backend: Literal["torch", "onnx"] = Field(
         "torch", description="embedder runtime: torch, or onnx (onnxruntime on the bundle's embedder.onnx; see "
         "`genrec embedder export-onnx`)")
@@ -116,15 +117,9 @@ class ServerConfig(Frozen):
     @field_validator("device")
     @classmethod
     def _device(cls, value: str) -> str:
-        import torch
+        from genrec.core.device import resolve_device
 
-        try:
-            device = torch.device(value)
-        except RuntimeError:
-            raise ValueError(f"device {value!r} is not a torch device: use cpu or cuda[:N]") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"device {value!r}: torch sees no CUDA device here; use cpu")
-        return value
+        return str(resolve_device(value))  # auto becomes what this machine has; a device it lacks is refused
 
     @model_validator(mode="after")
     def _tls_pair(self):

@@ -155,7 +155,7 @@ class Engine:
         self.ved_config = bundle.preset.ved
         self.max_history = (self.model.cfg if self.model is not None else bundle.preset.recommender).max_history
         self.default_beam_width = bundle.preset.sft.beam_width  # the width the bundle was validated with
-        self.index = load_search_index(bundle)
+        self.index = load_search_index(bundle, device)
         # Indexes written before item ids were mapped inside them return catalog rows; translate those.
         self.row_ids = None if isinstance(self.index, faiss.IndexIDMap) else self.catalog.ids
         if self.index.ntotal != len(self.catalog):

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -40,6 +42,45 @@ def test_eval_writes_json_and_predictions(tmp_path, demo_bundle, demo_data):
     first = json.loads((tmp_path / "p.jsonl").read_text().splitlines()[0])
     assert set(first) >= {"user", "target", "topk"} and len(first["topk"]) == 10
     assert "popularity" in proc.stdout
+
+
+def test_eval_window_split_scores_the_last_two_items(tmp_path, demo_bundle, demo_data):
+    """--split window: the validation context against its window (the validation and the test item); the window
+    metrics are recomputed here from the predictions file, and the next-item metrics match --split valid."""
+    run_cli("eval", "--bundle", demo_bundle, "--data", demo_data, "--split", "window", "--json", tmp_path / "w.json",
+            "--predictions", tmp_path / "p.jsonl")
+    run_cli("eval", "--bundle", demo_bundle, "--data", demo_data, "--split", "valid", "--json", tmp_path / "v.json")
+    w, v = (json.loads((tmp_path / f).read_text()) for f in ("w.json", "v.json"))
+    assert w["ndcg@10"] == v["ndcg@10"] and "window_ndcg@10" not in v  # the same lists, the valid target first
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert all(r["window"][0] == r["target"] for r in rows) and max(len(r["window"]) for r in rows) == 2
+    recall = [len(set(r["topk"][:10]) & set(r["window"])) / len(set(r["window"])) for r in rows]
+    assert w["window_recall@10"] == pytest.approx(sum(recall) / len(rows))
+    assert 0 < w["window_ndcg@10"] < 1 and w["baselines"]["popularity"]["window_ndcg@10"] < w["window_ndcg@10"]
+
+
+def test_device_option_names_what_this_machine_has(tmp_path, demo_bundle, demo_data):
+    """--device on the commands that compute: a device this machine lacks, or no device at all, is one clear line
+    (exit 2) before any work; auto is the CPU here and gives what cpu gives."""
+    import torch
+
+    from genrec.core.device import resolve_device
+
+    assert resolve_device(" CPU ") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    bad = run_cli("train", "sft", "--bundle", demo_bundle, "--data", demo_data, "--device", "tpu:0", check=False)
+    assert bad.returncode == 2 and "'tpu:0' is not a torch device" in bad.stderr
+    if not torch.cuda.is_available():
+        for cmd in (["eval", "--bundle", demo_bundle], ["train", "value", "--bundle", demo_bundle]):
+            bad = run_cli(*cmd, "--data", demo_data, "--device", "cuda", check=False)
+            assert bad.returncode == 2 and "no CUDA device" in bad.stderr and "--device cpu" in bad.stderr
+        results = []
+        for device in ("auto", "cpu"):
+            run_cli("eval", "--bundle", demo_bundle, "--data", demo_data, "--device", device, "--json",
+                    tmp_path / f"{device}.json")
+            results.append(json.loads((tmp_path / f"{device}.json").read_text()))
+        assert results[0]["device"] == results[1]["device"] == "cpu"
+        assert results[0]["ndcg@10"] == results[1]["ndcg@10"]
 
 
 def test_build_from_precomputed_vectors(tmp_path):

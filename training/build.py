@@ -10,6 +10,7 @@ import numpy as np
 
 from genrec.core.bundle import write_bundle, write_catalog
 from genrec.core.config import Preset
+from genrec.core.device import resolve_device
 from genrec.core.data import load_dataset, read_item_vectors, train_sequences
 from genrec.models.collaborative import cooccurrence_vectors, join_vectors
 from genrec.models.embedder import Embedder
@@ -23,7 +24,7 @@ def _save_npz(path: Path, **arrays) -> None:
 
 
 def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name: str, log=print,
-                 vectors_file: str | Path | None = None) -> dict:
+                 vectors_file: str | Path | None = None, device: str = "auto") -> dict:
     """vectors_file: precomputed item vectors (see genrec.core.data.read_item_vectors) instead of embedding the
     catalog's text. They come from a model the server does not have, so such a bundle, like one without text, serves
     Search by vector but not Embed or text Search."""
@@ -44,7 +45,8 @@ def build_bundle(data: str | Path, out: str | Path, preset: Preset, preset_name:
         log(f"precomputed item vectors from {vectors_file}: {vectors.shape[1]} dims")
         sid_vectors = join_vectors(vectors, collaborative, sid_cfg.collaborative) if needs_behaviour else vectors
     elif ds.catalog.has_text:
-        embedder = Embedder(preset.embedder)  # catalog texts are documents; an over-long one is truncated, not refused
+        # Catalog texts are documents; an over-long one is truncated, not refused.
+        embedder = Embedder(preset.embedder, str(resolve_device(device)))
         vectors = embedder.encode([it.text for it in ds.catalog.items], "document", truncate=True, progress=True)
         log(f"embedded {len(vectors)} items -> {vectors.shape[1]} dims in {time.time() - t0:.1f}s")
         sid_vectors = join_vectors(vectors, collaborative, sid_cfg.collaborative) if needs_behaviour else vectors

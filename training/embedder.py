@@ -183,6 +183,7 @@ class ContrastiveModel(torch.nn.Module):
         return torch.cat(parts)[torch.as_tensor(np.argsort(order, kind="stable"), device=parts[0].device)]
 
     def forward(self, pairs: torch.Tensor) -> dict[str, torch.Tensor]:
+        pairs = pairs.cpu()  # catalog ids: they index texts and the known-pair table on the host
         q = self.embed(pairs[:, 0].tolist(), "query")
         d = self.embed(pairs[:, 1].tolist(), "document")
         all_pairs, all_d, offset = gather_batch(pairs, d)
@@ -230,12 +231,12 @@ def gather_batch(pairs: torch.Tensor, docs: torch.Tensor) -> tuple[torch.Tensor,
 
 def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConfig, cfg: EmbedderTrainConfig,
                    run_dir: str | Path | None = None, resume: bool = False, max_steps: int | None = None,
-                   log=print) -> dict:
+                   log=print, device: str = "auto") -> dict:
     """Fine-tune the embedder on the dataset's item-to-next-item pairs; writes the best backbone to `out` (a model
     directory for `genrec build --backbone`)."""
     from genrec.models.embedder import Embedder
 
-    d = init_distributed()
+    d = init_distributed(device)
     ds = load_dataset(data, shard=(d.rank, d.world))  # this rank's users; the catalog (the texts) is whole
     texts = [it.text for it in ds.catalog.items]
     # The training pairs are a few ids each, and every rank needs all of them (mining, the known-negative mask): each
@@ -249,7 +250,9 @@ def train_embedder(data: str | Path, out: str | Path, embedder_cfg: EmbedderConf
     run_dir = Path(run_dir or Path("runs") / Path(out).name / "embedder")
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
-    embedder = Embedder(embedder_cfg)
+    # fp32 weights on every device: AdamW's updates at lr 2e-5 vanish in bf16 weights; CUDA computes under bf16
+    # autocast instead (the loop's Supervised task). The saved settings keep the serving dtype the config asks.
+    embedder = Embedder(embedder_cfg.model_copy(update={"dtype": "float32"}), str(d.device))
     model = ContrastiveModel(embedder, texts, cfg.temperature, pairs, cfg.bucket_rows)
     if d.main:
         log(f"embedder: {len(pairs)} training pairs, {n_valid} validation pairs, {len(texts)} items; "

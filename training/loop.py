@@ -10,6 +10,8 @@ validation); `run` does the rest, the same way for all of them:
     metric (higher or lower is better), the best modules kept as safetensors, a wall-time budget that validation
     does not spend, and a step limit that a later run may raise;
   - DDP under torchrun: every rank takes its slice of each global batch, and all ranks agree on when to stop;
+  - any device (`Dist.device`, genrec.core.device): NCCL between GPUs and gloo between CPUs, bf16 autocast over fp32
+    weights on CUDA, batches copied from pinned memory without blocking the host, CUDA RNG state in checkpoints;
   - a progress bar, a JSON-lines log and a PNG of the curves in the run directory.
 Why our own loop and not Lightning Fabric or Accelerate: exact mid-epoch resume needs the data order and the RNG
 under the loop's control; two of the five tasks are not a forward/backward on a batch (RL draws rollouts,
@@ -36,6 +38,7 @@ from tqdm import tqdm
 
 from genrec.core.atomic import atomic_dir, atomic_file, atomic_path
 from genrec.core.config import TrainConfig
+from genrec.core.device import autocast, resolve_device, to_device
 from genrec.core.metrics import metrics_from_ranks
 
 CHECKPOINT = "checkpoint"  # the directory inside a run directory that --resume continues from
@@ -43,22 +46,29 @@ CHECKPOINT = "checkpoint"  # the directory inside a run directory that --resume 
 
 @dataclass
 class Dist:
+    """This process's place in the run: its rank, the number of ranks, and the device it computes on."""
+
     rank: int = 0
     world: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> Dist:
-    """Join the process group when launched by torchrun (WORLD_SIZE > 1); a no-op otherwise."""
+def init_distributed(device: str | torch.device = "cpu") -> Dist:
+    """Resolve the device (genrec.core.device: `auto` is this rank's GPU when there is one) and join the process
+    group when launched by torchrun (WORLD_SIZE > 1): NCCL between GPUs, gloo between CPUs."""
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)  # NCCL's collectives and all_gather_object use the current device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("gloo")  # training runs on CPU tensors, also on a machine with a GPU
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if dist.is_initialized():
-        return Dist(dist.get_rank(), dist.get_world_size())
-    return Dist()
+        return Dist(dist.get_rank(), dist.get_world_size(), dev)
+    return Dist(device=dev)
 
 
 def gather_objects(obj, d: Dist) -> list:
@@ -174,7 +184,7 @@ class Task(Protocol):
 def save_weights(module: torch.nn.Module, path: Path) -> None:
     """A module's state dict as safetensors, written atomically."""
     with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(tmp))
+        save_file({k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}, str(tmp))
 
 
 def best_path(run_dir: Path, name: str) -> Path:
@@ -209,7 +219,7 @@ def save_checkpoint(task: Task, st: LoopState, run_dir: Path, d: Dist = Dist()) 
     if not d.main:
         return
     with atomic_dir(Path(run_dir) / CHECKPOINT) as tmp:
-        tensors = {f"{name}.{k}": v.detach().contiguous() for name, m in task.modules.items()
+        tensors = {f"{name}.{k}": v.detach().contiguous().cpu() for name, m in task.modules.items()
                    for k, v in m.state_dict().items()}
         save_file(tensors, str(tmp / "modules.safetensors"))
         torch.save({"optimizer": task.optimizer.state_dict(), "rng": rng}, tmp / "optimizer.pt")
@@ -346,7 +356,7 @@ def run(task: Task, cfg: LoopConfig, run_dir: Path, recipe: dict, resume: bool =
     def out_of_budget() -> bool:
         stop = st.elapsed > cfg.max_minutes * 60 or (cfg.max_steps is not None and st.step >= cfg.max_steps)
         if d.world > 1:  # every rank must agree to stop
-            flag = torch.tensor([float(stop)])
+            flag = torch.tensor([float(stop)], device=d.device)
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             stop = bool(flag.item())
         return stop
@@ -421,7 +431,7 @@ class Supervised:
     def __init__(self, model: torch.nn.Module, data: np.ndarray, cfg: TrainConfig,
                  ranks: Callable[[torch.nn.Module, Dist], np.ndarray], d: Dist,
                  batches: Callable[[int], list[np.ndarray]] | None = None, keys: np.ndarray | None = None):
-        self.model, self.data, self.cfg, self.ranks, self.d = model, data, cfg, ranks, d
+        self.model, self.data, self.cfg, self.ranks, self.d = model.to(d.device), data, cfg, ranks, d
         self.lengths = (data >= 0).sum(1)
         self.global_lengths, self.local = (self.lengths, None) if keys is None else global_rows(keys, self.lengths, d)
         self.total_steps = math.ceil(len(self.global_lengths) / cfg.batch_size) * cfg.max_epochs
@@ -431,9 +441,9 @@ class Supervised:
         # A model may compute outputs its loss does not use (a BERT pooler): it says so, and DDP then looks for them.
         unused = getattr(model, "has_unused_parameters", False)
         # broadcast_buffers off: our buffers are constants (the trie, code offsets), identical on every rank already.
-        self.forward = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=unused,
-                                                                 broadcast_buffers=False) \
-            if d.world > 1 else model
+        self.forward = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+            find_unused_parameters=unused, broadcast_buffers=False) if d.world > 1 else model
         self._batches = batches
         model.train()
 
@@ -452,12 +462,13 @@ class Supervised:
     def train_step(self, rows: np.ndarray, step: int) -> dict[str, float]:
         empty = len(rows) == 0  # a shard may hold no row of a batch: it runs one row at weight 0, DDP needs a step
         rows = rows if not empty else np.zeros(1, dtype=np.int64)
-        x = torch.as_tensor(self.data[rows][:, -max(2, int(self.lengths[rows].max())):])  # padding shared by all cut
+        x = to_device(self.data[rows][:, -max(2, int(self.lengths[rows].max())):], self.d.device)  # padding all cut
         lr = self.cfg.lr * lr_factor(step, self.cfg.warmup_steps, self.total_steps)
         for g in self.optimizer.param_groups:
             g["lr"] = lr
-        out = self.forward(x)
-        loss = out["loss"]
+        with autocast(self.d.device):
+            out = self.forward(x)
+        loss = out["loss"].float()
         if self.local is not None and self.d.world > 1:  # the mean over the whole batch's pairs, on every rank
             pairs = torch.zeros((), device=loss.device) if empty else out["pairs"].to(loss.device).float()
             total = torch.stack([pairs, loss.detach() * pairs])

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from genrec.core.atomic import write_json
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import RlConfig, VedConfig, load_preset
+from genrec.core.device import to_device
 from genrec.core.data import Split, load_dataset, train_pairs, train_sequences
 from genrec.evaluation import recommender_ranks
 from genrec.models.decoding import Trie, beam_search, sample
@@ -148,7 +149,7 @@ def rl_loss(policy: Recommender, value_head: ValueHead, r: Rollouts, totals: dic
 
 
 def _totals(r: Rollouts, d: Dist) -> dict[str, float]:
-    t = torch.tensor([float(r.valid.sum() * r.codes.shape[-1]), float(r.sibling_first.sum())])
+    t = torch.tensor([float(r.valid.sum() * r.codes.shape[-1]), float(r.sibling_first.sum())], device=d.device)
     if d.world > 1:
         dist.all_reduce(t)
     return {"tokens": max(float(t[0]), 1.0), "sibling_nodes": float(t[1])}
@@ -224,9 +225,10 @@ class RlTask:
         step_seed = self.cfg.seed * 1_000_003 + step  # the rollout noise is a function of the step: exact resume
         empty = len(rows) == 0  # this rank holds no row of the batch: one masked row keeps it in the collectives
         rows = rows if not empty else np.zeros(1, dtype=np.int64)
+        device = self.d.device
         r = make_rollouts(self.policy, self.reference, self.value_head, self.trie,
-                          torch.as_tensor(self.pairs.histories[rows]), torch.as_tensor(self.pairs.futures()[rows]),
-                          self.codes, self.vectors, self.cfg, self.ved, torch.Generator().manual_seed(step_seed),
+                          to_device(self.pairs.histories[rows], device), to_device(self.pairs.futures()[rows], device),
+                          self.codes, self.vectors, self.cfg, self.ved, torch.Generator(device).manual_seed(step_seed),
                           step_seed, self.reward_weights, self.discounts)
         r = r.masked() if empty else r
         parts = rl_step(self.policy, self.value_head, self.optimizer, r, self.cfg, self.gamma, self.d)
@@ -241,8 +243,10 @@ class RlTask:
 
 def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None = None,
              run_dir: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
-             log=print) -> dict:
-    d = init_distributed()
+             log=print, device: str = "auto") -> dict:
+    """fp32 on every device: the policy ratios and the sibling advantages are differences of near-equal numbers,
+    which bf16 would round away."""
+    d = init_distributed(device)
     bundle = Bundle.load(bundle_path)
     preset = load_preset(preset_name) if preset_name else bundle.preset
     cfg = RlConfig.model_validate({**preset.rl.model_dump(), **(overrides or {})})
@@ -255,15 +259,17 @@ def train_rl(bundle_path: str | Path, data: str | Path, preset_name: str | None 
                          f"--data {data}` first, or pass --rollout beam")
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "rl")
 
-    policy = load_recommender(bundle)  # eval mode: no dropout, so the first pass's ratio is exactly 1
+    # eval mode: no dropout, so the first pass's ratio is exactly 1
+    policy = load_recommender(bundle, str(d.device))
     torch.manual_seed(cfg.seed)
-    value_head = load_value_head(bundle) if bundle.has("value.safetensors") else ValueHead(policy.cfg.d_model)
+    value_head = load_value_head(bundle, str(d.device)) if bundle.has("value.safetensors") else \
+        ValueHead(policy.cfg.d_model).to(d.device)
     value_head.eval()
     discounts = preset.reward.discounts
     pairs = train_pairs(train_sequences(ds), policy.cfg.max_history, len(discounts))
     valid = validation_shard(ds, policy.cfg.max_history, cfg.valid_users, cfg.seed, d)
-    task = RlTask(policy, value_head, policy.trie, torch.as_tensor(bundle.codes).long(),
-                  F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32), dim=1), pairs,
+    task = RlTask(policy, value_head, policy.trie, torch.as_tensor(bundle.codes, device=d.device).long(),
+                  F.normalize(torch.as_tensor(bundle.item_vectors, dtype=torch.float32, device=d.device), dim=1), pairs,
                   row_keys(ds, pairs.users), valid, cfg, preset.ved, preset.value.gamma,
                   preset.value.reward_weights, d, discounts)
     if d.main:

@@ -63,8 +63,8 @@ def _loop(cfg: TrainConfig, max_steps: int | None, fit: str, bundle: Bundle, nam
 
 def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None = None,
               run_dir: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
-              max_steps: int | None = None, fit: str = "valid", log=print) -> dict:
-    d = init_distributed()
+              max_steps: int | None = None, fit: str = "valid", log=print, device: str = "auto") -> dict:
+    d = init_distributed(device)
     bundle, preset, ds = _setup(bundle_path, data, preset_name, d)
     cfg = preset.sft.model_copy(update=overrides or {})
     TrainConfig.model_validate(cfg.model_dump())  # overrides obey the same limits as presets
@@ -79,7 +79,8 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
                       keys=keys)
     if d.main:
         log(f"sft: {len(task.global_lengths)} training windows ({fit} fit), "
-            f"{'all' if cfg.valid_users is None else f'about {cfg.valid_users}'} validation users, run dir {run_dir}")
+            f"{'all' if cfg.valid_users is None else f'about {cfg.valid_users}'} validation users, on {d.device}, "
+            f"run dir {run_dir}")
     recipe = {**cfg.model_dump(), "recommender": preset.recommender.model_dump(), "fit": fit}
     st = run(task, loop, run_dir, recipe, resume, d, desc="sft")
     summary = {**run_summary(st, cfg, windows=int(len(task.global_lengths))), **about}
@@ -103,8 +104,8 @@ def train_sft(bundle_path: str | Path, data: str | Path, preset_name: str | None
 
 def train_sasrec(bundle_path: str | Path, data: str | Path, preset_name: str | None = None,
                  run_dir: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
-                 max_steps: int | None = None, fit: str = "valid", log=print) -> dict:
-    d = init_distributed()
+                 max_steps: int | None = None, fit: str = "valid", log=print, device: str = "auto") -> dict:
+    d = init_distributed(device)
     bundle, preset, ds = _setup(bundle_path, data, preset_name, d)
     cfg = preset.sasrec_train.model_copy(update=overrides or {})
     TrainConfig.model_validate(cfg.model_dump())
@@ -116,7 +117,7 @@ def train_sasrec(bundle_path: str | Path, data: str | Path, preset_name: str | N
     model = SASRec(preset.sasrec, len(bundle.catalog))
     task = Supervised(model, windows, cfg, lambda m, dd: sasrec_ranks(m, valid), d, keys=keys)
     if d.main:
-        log(f"sasrec: {len(task.global_lengths)} training windows ({fit} fit), run dir {run_dir}")
+        log(f"sasrec: {len(task.global_lengths)} training windows ({fit} fit), on {d.device}, run dir {run_dir}")
     recipe = {**cfg.model_dump(), "sasrec": preset.sasrec.model_dump(), "fit": fit}
     st = run(task, loop, run_dir, recipe, resume, d, desc="sasrec")
     summary = {**run_summary(st, cfg, windows=int(len(task.global_lengths))), **about}

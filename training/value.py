@@ -38,9 +38,14 @@ class RolloutScorer:
     def __init__(self, policy: Recommender, trie: Trie, item_vectors: np.ndarray, codes: np.ndarray, cfg: ValueConfig,
                  reward: RewardConfig = RewardConfig()):
         self.policy, self.trie, self.cfg, self.discounts = policy, trie, cfg, reward.discounts
-        v = torch.as_tensor(item_vectors, dtype=torch.float32)
+        self.device = next(policy.parameters()).device  # fp32 throughout: TD targets and AUCs need no bf16 noise
+        v = torch.as_tensor(item_vectors, dtype=torch.float32, device=self.device)
         self.vectors = F.normalize(v, dim=1)
-        self.codes = torch.as_tensor(codes)
+        self.codes = torch.as_tensor(codes, device=self.device)
+
+    def generator(self, seed: int) -> torch.Generator:
+        """The sampling noise, on the policy's device (a function of the seed on each device)."""
+        return torch.Generator(self.device).manual_seed(seed)
 
     @torch.no_grad()
     def rollouts(self, history: torch.Tensor, window: torch.Tensor, generator: torch.Generator):
@@ -48,6 +53,7 @@ class RolloutScorer:
         (R, D, d) and log-probabilities (R, D) of the sampled paths (position l: the prefix of l codes), their level
         rewards against the window (R, D), and hit flags (R,): the rollout is an item of the window."""
         n, depth = self.cfg.rollouts, self.trie.depth
+        history, window = history.to(self.device), window.to(self.device)
         s = sample(self.policy, self.trie, history, n, self.cfg.temperature, generator)
         codes, items = s.codes.view(-1, depth), s.items.view(-1)
         states, prefix_logp = s.states.flatten(0, 1), s.prefix_logp.view(-1, depth)
@@ -88,7 +94,8 @@ class ValueTask:
         self.valid = valid
         self.modules = {"value_head": head}
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=0.01)
-        self.forward = torch.nn.parallel.DistributedDataParallel(head) if d.world > 1 else head
+        self.forward = torch.nn.parallel.DistributedDataParallel(
+            head, device_ids=[d.device.index] if d.device.type == "cuda" else None) if d.world > 1 else head
 
     def batches(self, epoch: int) -> list[np.ndarray]:
         return random_batches(self.local_rows.n, self.cfg.batch_size, [self.cfg.seed, epoch])
@@ -97,12 +104,13 @@ class ValueTask:
         self.head.train()
         weight = float(len(rows) > 0)  # a rank may hold no row of a batch: it fits one at weight 0, DDP needs a step
         rows = rows if len(rows) else np.zeros(1, dtype=np.int64)
-        g = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + step)  # rollouts a function of the step
+        g = self.scorer.generator(self.cfg.seed * 1_000_003 + step)  # rollouts a function of the step
         states, rewards, _ = self.scorer.rollouts(torch.as_tensor(self.histories[rows]),
                                                   torch.as_tensor(self.windows[rows]), g)
         errors, _ = self.scorer.errors(self.forward, states, rewards)
         # The mean over the whole batch's errors: DDP averages the ranks' gradients, so each sum is scaled by world.
-        total = torch.tensor([errors.numel() * weight, float(errors.detach().sum()) * weight], dtype=torch.float64)
+        total = torch.tensor([errors.numel() * weight, float(errors.detach().sum()) * weight], dtype=torch.float64,
+                             device=errors.device)
         if self.d.world > 1:
             dist.all_reduce(total)
         loss = errors.sum() * (weight * self.d.world / float(total[0]))
@@ -120,7 +128,7 @@ class ValueTask:
 @torch.no_grad()
 def validate(scorer: RolloutScorer, head: ValueHead, histories: np.ndarray, windows: np.ndarray,
              batch_size: int, seed: int, d: Dist = Dist()) -> dict:
-    g = torch.Generator().manual_seed(seed)
+    g = scorer.generator(seed)
     head.eval()
     losses, last, hits = [np.zeros(0)], [np.zeros(0, dtype=np.float32)], [np.zeros(0, dtype=bool)]
     for s in range(0, len(windows), batch_size):
@@ -128,8 +136,8 @@ def validate(scorer: RolloutScorer, head: ValueHead, histories: np.ndarray, wind
                                                torch.as_tensor(windows[s: s + batch_size]), g)
         loss, values = scorer.loss(head, states, rewards)
         losses.append(np.full(len(hit), float(loss)))
-        last.append(values[:, -1].numpy())
-        hits.append(hit.numpy())
+        last.append(values[:, -1].cpu().numpy())
+        hits.append(hit.cpu().numpy())
     losses, last, hits = (gather_ranks(np.concatenate(x), d) for x in (losses, last, hits))
     return {"valid_td_loss": float(losses.mean()), "rollouts": int(len(hits)), "hit_rate": float(hits.mean()),
             "value_hit": float(last[hits].mean()) if hits.any() else float("nan"),
@@ -138,15 +146,15 @@ def validate(scorer: RolloutScorer, head: ValueHead, histories: np.ndarray, wind
 
 def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | None = None,
                 run_dir: str | Path | None = None, resume: bool = False, overrides: dict | None = None,
-                log=print) -> dict:
-    d = init_distributed()
+                log=print, device: str = "auto") -> dict:
+    d = init_distributed(device)
     bundle = Bundle.load(bundle_path)
     preset = load_preset(preset_name) if preset_name else bundle.preset
     cfg = ValueConfig.model_validate({**preset.value.model_dump(), **(overrides or {})})
     ds = load_dataset(data, shard=(d.rank, d.world))  # this rank's users; the catalog is whole
     bundle.check_catalog(ds)
     run_dir = Path(run_dir or Path("runs") / Path(bundle_path).name / "value")
-    policy = load_recommender(bundle)
+    policy = load_recommender(bundle, str(d.device))
     for p in policy.parameters():
         p.requires_grad_(False)
     scorer = RolloutScorer(policy, policy.trie, bundle.item_vectors, bundle.codes, cfg, preset.reward)
@@ -160,7 +168,8 @@ def train_value(bundle_path: str | Path, data: str | Path, preset_name: str | No
     window[:, 0] = valid.targets
     valid = Split(valid.users, valid.histories, valid.targets, window)
     torch.manual_seed(cfg.seed)
-    task = ValueTask(scorer, ValueHead(policy.cfg.d_model), pairs, row_keys(ds, pairs.users), valid, cfg, d)
+    head = ValueHead(policy.cfg.d_model).to(d.device)
+    task = ValueTask(scorer, head, pairs, row_keys(ds, pairs.users), valid, cfg, d)
     if d.main:
         log(f"value: {task.local_rows.n} training pairs x {cfg.rollouts} rollouts ({preset.reward.kind} reward), "
             f"{'all' if cfg.valid_users is None else cfg.valid_users} validation users, run dir {run_dir}")
