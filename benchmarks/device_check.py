@@ -94,13 +94,14 @@ def served(bundle: Path, data: Path, clients: int, seconds: float) -> dict:
                                                decoding=recommend_pb2.Decoding(beam_width=20))
                 for h in split.histories]
     server = Server(bundle, 256, 2.0, 8192, ("--device", "cuda", "--max-concurrent-rpcs", str(4 * clients)))
+    row: dict = {}
     try:
         channel = open_channel(f"127.0.0.1:{server.port}", balanced=False)
         stubs = Stubs.of(channel)
         call = lambda r: stubs.recommend.Recommend(r, timeout=60)  # noqa: E731
         latencies(call, requests[:64], 8, 3.0)  # warm-up
         lat, _ = latencies(call, requests, 1, seconds)
-        row = {"recommend_b1_p50_ms": pct(lat, 50), "recommend_b1_p99_ms": pct(lat, 99)}
+        row.update(recommend_b1_p50_ms=pct(lat, 50), recommend_b1_p99_ms=pct(lat, 99))
         lat, rps = latencies(call, requests, clients, seconds)
         row.update(recommend_rps=round(rps, 1), recommend_p50_ms=pct(lat, 50), recommend_p99_ms=pct(lat, 99),
                    clients=clients, batch_sizes=server.batch_sizes())

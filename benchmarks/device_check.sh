@@ -13,11 +13,12 @@ start=$(date +%s)
 PY=${PYTHON:-.venv-gpu/bin/python}
 if [[ -z "${NO_INSTALL:-}" ]]; then
     [[ -x .venv-gpu/bin/python ]] || python3 -m venv .venv-gpu
-    if [[ -n "${WHEELS:-}" ]]; then
-        .venv-gpu/bin/pip install -q --no-index --find-links "$WHEELS" -e ".[test]"
-    else
-        .venv-gpu/bin/pip install -q -e ".[test,gpu]"
-    fi
+    # The GPU twins replace faiss-cpu and onnxruntime (both pairs install the same import package), as the CUDA image
+    # does; pip cannot swap a dependency, so: install, remove the CPU ones, add the GPU ones.
+    src=(); [[ -n "${WHEELS:-}" ]] && src=(--no-index --find-links "$WHEELS")
+    .venv-gpu/bin/pip install -q "${src[@]}" -e ".[test]"
+    .venv-gpu/bin/pip uninstall -q -y faiss-cpu onnxruntime
+    .venv-gpu/bin/pip install -q "${src[@]}" faiss-gpu-cu12 onnxruntime-gpu
 fi
 "$PY" - <<'PY'
 import torch
@@ -25,7 +26,7 @@ assert torch.cuda.is_available(), "device_check: torch sees no CUDA device here"
 print(f"torch {torch.__version__} on {torch.cuda.get_device_name()}")
 PY
 echo "== gpu tests =="
-"$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/server/test_server_gpu.py
+GENREC_GPU_TESTS=1 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py tests/server/test_server_gpu.py
 echo "== measurements =="
 "$PY" benchmarks/device_check.py "$@"
 echo "device_check: done in $(( $(date +%s) - start )) s"

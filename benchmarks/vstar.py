@@ -35,6 +35,7 @@ import torch
 from genrec.core.atomic import write_json
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.data import eval_split, load_dataset, seeded_subset, window_split
+from genrec.core.device import resolve_device
 from genrec.core.metrics import ranking_metrics, window_metrics
 from genrec.evaluation import fit_of, generate_topk, invalid_rate
 from genrec.models.decoding import beam_search
@@ -60,7 +61,7 @@ def beam_value_rerank(model, head, codes: torch.Tensor, histories: np.ndarray, w
     out = []
     for s in range(0, len(histories), batch_size):
         h = torch.as_tensor(histories[s: s + batch_size])
-        h = h[:, -max(1, int((h >= 0).sum(1).max())):]
+        h = h[:, -max(1, int((h >= 0).sum(1).max())):].to(codes.device)
         rec = beam_search(model, model.trie, h, width, width)
         u, w = rec.items.shape
         path = codes[rec.items.clamp_min(0)].flatten(0, 1)  # (U * W, D)
@@ -69,7 +70,7 @@ def beam_value_rerank(model, head, codes: torch.Tensor, histories: np.ndarray, w
         value = head(states[:, -1], prefix_logp[:, -1]).view(u, w)
         final = torch.where(rec.items >= 0, rec.scores + weight * value, float("-inf"))
         top = final.topk(K, dim=1)
-        out.append(torch.where(torch.isfinite(top.values), rec.items.gather(1, top.indices), -1).numpy())
+        out.append(torch.where(torch.isfinite(top.values), rec.items.gather(1, top.indices), -1).cpu().numpy())
     return np.concatenate(out)
 
 
@@ -80,12 +81,12 @@ def scored(topk: np.ndarray, split, seconds: float, forwards: float, **extra) ->
             "ms_per_user": 1e3 * seconds / len(topk), **extra}
 
 
-def decoders(bundle: Bundle, split, beams, budgets_of: tuple[int, ...], log) -> list[dict]:
-    model = load_recommender(bundle)
-    head = load_value_head(bundle)
+def decoders(bundle: Bundle, split, beams, budgets_of: tuple[int, ...], device: str, log) -> list[dict]:
+    model = load_recommender(bundle, device)
+    head = load_value_head(bundle, device)
     ved = bundle.preset.ved
     depth = model.trie.depth
-    codes = torch.as_tensor(bundle.codes).long()
+    codes = torch.as_tensor(bundle.codes, device=device).long()
     rows = []
 
     def timed(fn, *args, **kwargs):
@@ -164,9 +165,11 @@ def main() -> None:
                     help="VED runs at the forward budgets of these beam widths")
     ap.add_argument("--workdir", help="where the copies and runs go (default: a temporary folder, removed)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N: training, decoding and timings")
     ap.add_argument("--out", help="results JSON (default results/vstar-<dataset>.json)")
     args = ap.parse_args()
     torch.manual_seed(args.seed)
+    device = str(resolve_device(args.device))
     name = Path(args.data).name
     out = Path(args.out or f"results/vstar-{name}.json")
     quiet = lambda *a, **k: None  # noqa: E731
@@ -183,6 +186,7 @@ def main() -> None:
     window, test = window.sample(args.users, args.seed), test.sample(args.users, args.seed)
     assert (window.users == test.users).all() and len(pick) == len(window.targets)
     report = {"dataset": name, "bundle": str(args.bundle), "users": len(window.targets), "args": vars(args),
+              "device": device,
               "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
               "rewards": {}}
     tmp = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="vstar-"))
@@ -196,11 +200,11 @@ def main() -> None:
             update_bundle(base, {}, preset={"reward": {**sft.preset.reward.model_dump(), "kind": reward}})
             t0 = time.time()
             value = train_value(base, args.data, run_dir=work / "runs" / "value",
-                                overrides={"max_minutes": args.value_minutes}, log=quiet)
+                                overrides={"max_minutes": args.value_minutes}, log=quiet, device=device)
             print(f"value head: {time.time() - t0:.0f} s, validation {value['valid']}", flush=True)
             bundle = Bundle.load(base)
-            dec = decoders(bundle, window, args.beams, tuple(args.ved_widths), log)
-            pol = [policy_rows("SFT", load_recommender(bundle), window, test, log)]
+            dec = decoders(bundle, window, args.beams, tuple(args.ved_widths), device, log)
+            pol = [policy_rows("SFT", load_recommender(bundle, device), window, test, log)]
             for label, change in RL_VARIANTS.items():
                 copy = work / label.lower().replace(" ", "-").strip("()").replace("(", "")
                 shutil.copytree(base, copy)
@@ -208,8 +212,8 @@ def main() -> None:
                 over = {**change, "max_minutes": args.rl_minutes, "valid_users": 256, "eval_every": 10 ** 6}
                 if args.rl_lr:
                     over["lr"] = args.rl_lr
-                summary = train_rl(copy, args.data, run_dir=run_dir, overrides=over, log=quiet)
-                model = load_recommender(Bundle.load(copy))
+                summary = train_rl(copy, args.data, run_dir=run_dir, overrides=over, log=quiet, device=device)
+                model = load_recommender(Bundle.load(copy), device)
                 model.load_state_dict(read_checkpoint(run_dir)[0]["policy"])  # the last policy
                 pol.append(policy_rows(label, model, window, test, log))
                 pol[-1]["rl_steps"] = summary["steps"]

@@ -15,11 +15,18 @@ sends. `LAUNCHED` records every (kernel, constants) launched, for the test of th
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 LAUNCHED: set[tuple] = set()  # (kernel name, compile-time constants) of every Triton launch in this process
+
+
+def on_tensor_device(t: torch.Tensor):
+    """Launch on the tensor's GPU (Triton launches on the current device and stream, which need not be cuda:N's)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
 def k_bucket(k: int) -> int:
@@ -120,6 +127,7 @@ def constrained_topk_triton(logits: torch.Tensor, node: torch.Tensor, child_ptr:
     if r:
         logits = logits if logits.stride(1) == 1 else logits.contiguous()
         LAUNCHED.add(("constrained_topk", kb, block))
-        _constrained_topk_kernel[(r,)](logits, logits.stride(0), node.contiguous(), child_ptr, child_code,
-                                       base.float().contiguous(), values, codes, K=kb, BLOCK=block)
+        with on_tensor_device(logits):
+            _constrained_topk_kernel[(r,)](logits, logits.stride(0), node.contiguous(), child_ptr, child_code,
+                                           base.float().contiguous(), values, codes, K=kb, BLOCK=block)
     return values[:, :k], codes[:, :k]

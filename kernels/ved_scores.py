@@ -21,7 +21,8 @@ import torch
 import triton
 import triton.language as tl
 
-from genrec.kernels.constrained_topk import LAUNCHED, masked_log_softmax, valid_children_logp, valid_children_mask
+from genrec.kernels.constrained_topk import (LAUNCHED, masked_log_softmax, on_tensor_device, valid_children_logp,
+                                             valid_children_mask)
 
 GATE_TOLERANCE = 1e-6  # G equal to its depth mean passes, whatever the summation order
 
@@ -61,8 +62,9 @@ def node_priority_triton(logits: torch.Tensor, node: torch.Tensor, value: torch.
         logits = logits if logits.stride(1) == 1 else logits.contiguous()
         block = triton.next_power_of_2(max(max_children, 2))
         LAUNCHED.add(("node_priority", block))
-        _node_priority_kernel[(r,)](logits, logits.stride(0), node.contiguous(), value.float().contiguous(),
-                                    child_ptr, child_code, h, g, float(lam), BLOCK_F=block)
+        with on_tensor_device(logits):
+            _node_priority_kernel[(r,)](logits, logits.stride(0), node.contiguous(), value.float().contiguous(),
+                                        child_ptr, child_code, h, g, float(lam), BLOCK_F=block)
     return h, g
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from genrec.kernels import masked_log_softmax
@@ -74,24 +75,55 @@ class Samples:
     prefix_logp: torch.Tensor  # (B, n, D) log P(first l codes | history) at temperature 1 (0 at l = 0)
 
 
+def hashed_gumbel(key: torch.Tensor, width: int) -> torch.Tensor:
+    """(R,) non-negative integer keys (below 2^50) -> (R, width) Gumbel noise, a hash of (key, code): noise that is a
+    function of what it is drawn for, not of the batch or the rank that draws it."""
+    code = torch.arange(width, device=key.device)
+    x = key[:, None] * 4_099 + code
+    for _ in range(3):  # a 32-bit integer mix (as in splitmix/murmur finalisers)
+        x = x & 0xFFFFFFFF
+        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    u = (x.double() + 0.5) / 2**32  # in (0, 1)
+    return -torch.log(-torch.log(u)).float()
+
+
+def noise_seeds(*parts) -> torch.Tensor:
+    """A 32-bit seed per row from integers and integer arrays (e.g. the run's seed, the step, each row's index among
+    all ranks' rows), for `sample(seeds=)`."""
+    x = np.zeros(np.broadcast(*parts).shape, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for part in parts:
+            x = (x * np.uint64(0x9E3779B1) + np.asarray(part, dtype=np.uint64)) & np.uint64(0xFFFFFFFF)
+            x = ((x ^ (x >> np.uint64(16))) * np.uint64(0x45D9F3B)) & np.uint64(0xFFFFFFFF)
+    return torch.as_tensor(np.atleast_1d(x).astype(np.int64))
+
+
 @torch.no_grad()
 def sample(model: Recommender, trie: Trie, history: torch.Tensor, n: int, temperature: float = 1.0,
-           generator: torch.Generator | None = None) -> Samples:
+           generator: torch.Generator | None = None, seeds: torch.Tensor | None = None) -> Samples:
     """n independent constrained samples per user (repeats possible): every code is drawn from the policy's
-    distribution over the trie-valid children of the prefix, sharpened or flattened by `temperature`."""
+    distribution over the trie-valid children of the prefix, sharpened or flattened by `temperature`. seeds (B,)
+    (noise_seeds): each user's draws are a function of its seed alone (Gumbel-max over hashed noise), whatever batch
+    or rank draws them, so sharded training samples what one process samples; else `generator` drives them."""
     assert temperature > 0, "temperature must be positive"
+    assert n <= 256, "at most 256 samples per user"
     b = history.shape[0]
     state, cache = model.start(model.context(history).repeat_interleave(n, 0))
     node = torch.zeros(b * n, dtype=torch.long, device=history.device)
     logp = torch.zeros(b * n, device=history.device)
+    draw = torch.arange(n, device=history.device).repeat(b)  # each row's sample index
     codes, states, prefix_logp = [], [], []
     for level in range(trie.depth):
         states.append(state)
         prefix_logp.append(logp.clone())
         logits = model.level_logits(state, level, node)
         valid = trie.valid(node, logits.shape[1])
-        probs = masked_log_softmax(logits / temperature, valid).exp()
-        code = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        tempered = masked_log_softmax(logits / temperature, valid)
+        if seeds is not None:  # key (user seed, sample, level): < 2^44, as hashed_gumbel needs
+            key = (seeds.to(node.device).repeat_interleave(n) * 256 + draw) * 16 + level
+            code = (tempered + hashed_gumbel(key, tempered.shape[1])).argmax(1)
+        else:
+            code = torch.multinomial(tempered.exp(), 1, generator=generator)[:, 0]
         logp += masked_log_softmax(logits, valid).gather(1, code[:, None])[:, 0]
         codes.append(code)
         node = trie.child(node, code)

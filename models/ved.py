@@ -32,7 +32,7 @@ import torch
 from genrec.core.config import VedConfig
 from genrec.kernels import masked_log_softmax
 from genrec.kernels.ved_scores import GATE_TOLERANCE
-from genrec.models.decoding import Exclusion, Recommendations, Trie
+from genrec.models.decoding import Exclusion, Recommendations, Trie, hashed_gumbel
 from genrec.models.layers import KVCache
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead
@@ -46,13 +46,7 @@ def beam_budget(depth: int, beam_width: int) -> int:
 def _gumbel(seed: int, node: torch.Tensor, n_expanded: torch.Tensor, width: int) -> torch.Tensor:
     """(R, width) Gumbel noise that is a hash of (seed, trie node, children expanded so far, code): a user's search
     is a function of its own tree only, so batching never changes an answer, and a seed fixes every answer."""
-    code = torch.arange(width, device=node.device)
-    x = ((seed * 1_000_003 + node[:, None]) * 7_919 + n_expanded[:, None]) * 4_099 + code  # < 2^62 for real tries
-    for _ in range(3):  # a 32-bit integer mix (as in splitmix/murmur finalisers)
-        x = x & 0xFFFFFFFF
-        x = ((x ^ (x >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
-    u = (x.double() + 0.5) / 2**32  # in (0, 1)
-    return -torch.log(-torch.log(u)).float()
+    return hashed_gumbel((seed * 1_000_003 + node) * 7_919 + n_expanded, width)  # keys < 2^50 for real tries
 
 
 @dataclass

@@ -239,6 +239,25 @@ def test_a_narrow_beam_never_walks_into_excluded_items(setup):
     assert got >= 0 and not exclude[0, got] and sid.codes[got, 0] != sid.codes[first, 0]
 
 
+def test_seeded_samples_follow_the_policy_whatever_the_batch(setup):
+    """sample(seeds=): a user's draws are a function of its seed alone (the same in any batch, hence on any rank), and
+    their frequencies are the policy's item probabilities (Gumbel-max over hashed noise is exact sampling)."""
+    from genrec.models.decoding import noise_seeds, sample
+
+    model, sid, trie = setup
+    history = torch.tensor([[1, 2, 3], [-1, 4, 5], [-1, -1, 6]])
+    seeds = noise_seeds(7, np.arange(3))
+    whole, part = sample(model, trie, history, 4, seeds=seeds), sample(model, trie, history[1:], 4, seeds=seeds[1:])
+    assert torch.equal(whole.items[1:], part.items) and torch.equal(whole.logp[1:], part.logp)
+    hot = lambda seed: sample(model, trie, history, 8, 3.0, seeds=noise_seeds(seed, np.arange(3))).items  # noqa: E731
+    assert torch.equal(hot(7), hot(7)) and not torch.equal(hot(7), hot(8))  # the seed, and only it, decides
+    users = 64
+    draws = sample(model, trie, history[:1].expand(users, -1), 256, seeds=noise_seeds(3, np.arange(users))).items
+    freq = np.bincount(draws.flatten().numpy(), minlength=N_ITEMS) / draws.numel()
+    exact = exact_item_logprobs(model, sid, trie, history[0]).exp().numpy()
+    assert 0.5 * np.abs(freq - exact).sum() < 0.03  # total variation over 16,384 draws
+
+
 def test_samples_carry_their_prefix_states_and_log_probabilities(setup):
     """The sampler's cached states and running log-probabilities equal a teacher-forced pass over the same codes."""
     from genrec.models.decoding import sample

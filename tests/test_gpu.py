@@ -2,7 +2,8 @@
 and one eval on the GPU (tests/server/test_server_gpu.py: a served Recommend). benchmarks/device_check.sh runs these
 first (`-m gpu`).
 
-conftest.py turns the Triton interpreter on only where there is no GPU, so here every kernel is compiled for real."""
+They run with GENREC_GPU_TESTS=1 (otherwise conftest.py hides the GPU and turns the Triton interpreter on), so here
+every kernel is compiled for real."""
 
 import json
 import os
@@ -18,7 +19,8 @@ from genrec.models.semantic_ids import PrefixTrie
 
 from conftest import run_cli
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device and GENREC_GPU_TESTS=1")]
 
 
 def test_kernels_are_compiled_not_interpreted():

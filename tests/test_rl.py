@@ -5,12 +5,14 @@ import copy
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from genrec.core.bundle import Bundle
 from genrec.core.config import RlConfig, VedConfig
+from genrec.models.decoding import noise_seeds
 from genrec.models.loading import load_recommender
 from genrec.models.value import ValueHead
 from genrec.training.loop import Dist, read_checkpoint
@@ -37,7 +39,7 @@ def rollouts(setup, cfg, head):
     target = target.clone()
     target[:4] = torch.tensor([int(x) for x in _first_beam(policy, trie, history[:4])])  # some groups hit
     return make_rollouts(policy, copy.deepcopy(policy), head, trie, history, target, codes, vectors, cfg, VedConfig(),
-                         torch.Generator().manual_seed(1), 1, (0.3, 0.5, 1.0))
+                         noise_seeds(1, np.arange(len(history))), 1, (0.3, 0.5, 1.0))
 
 
 def _first_beam(policy, trie, history):
@@ -175,7 +177,7 @@ def test_a_step_raises_the_log_probability_of_rewarded_candidates(setup, horizon
     beam = _beam(policy, trie, history)
     window = torch.stack([beam[:, 2], beam[:, 1] if horizon else torch.full_like(target, -1)], 1)
     r = make_rollouts(policy, copy.deepcopy(policy), head, trie, history, window, codes, vectors, cfg, VedConfig(),
-                      torch.Generator().manual_seed(1), 1, (0.3, 0.5, 1.0), (1.0, 0.7))
+                      noise_seeds(1, np.arange(len(history))), 1, (0.3, 0.5, 1.0), (1.0, 0.7))
     assert (r.rewards == 0.7).any() == horizon
     before = _candidate_logp(policy, history, r.codes)[0].sum(-1)
     opt = torch.optim.AdamW([*policy.parameters(), *head.parameters()], lr=1e-3, weight_decay=0.0)

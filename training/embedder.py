@@ -187,7 +187,7 @@ class ContrastiveModel(torch.nn.Module):
         q = self.embed(pairs[:, 0].tolist(), "query")
         d = self.embed(pairs[:, 1].tolist(), "document")
         all_pairs, all_d, offset = gather_batch(pairs, d)
-        logits = q @ all_d.T / self.temperature  # (B, whole batch)
+        logits = q.float() @ all_d.float().T / self.temperature  # (B, whole batch); fp32: / 0.02 magnifies bf16 steps
         logits = logits.masked_fill(self.false_negatives(pairs, all_pairs, offset).to(logits.device), float("-inf"))
         targets = offset + torch.arange(len(pairs), device=logits.device)
         # The mean over the whole batch: DDP averages the ranks' gradients, so each rank's sum is scaled by world / B

@@ -21,12 +21,14 @@ mines its batches between epochs. What a library would add (device placement, mi
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Protocol
 
@@ -65,10 +67,20 @@ def init_distributed(device: str | torch.device = "cpu") -> Dist:
         torch.cuda.set_device(dev)  # NCCL's collectives and all_gather_object use the current device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        # An hour, not NCCL's ten minutes: the other ranks wait in a collective while the main one mines SaHa
+        # clusters or reads a checkpoint.
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=timedelta(minutes=60))
+        atexit.register(_leave_process_group)
     if dist.is_initialized():
         return Dist(dist.get_rank(), dist.get_world_size(), dev)
     return Dist(device=dev)
+
+
+def _leave_process_group() -> None:
+    """Leave the process group before the interpreter tears down: left to teardown, the backend's threads can outlive
+    their objects and abort a rank whose work is done ("terminate called without an active exception")."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def gather_objects(obj, d: Dist) -> list:
@@ -245,7 +257,8 @@ def load_checkpoint(task: Task, run_dir: Path, recipe: dict, d: Dist = Dist()) -
     if d.main:
         try:
             weights, state = read_checkpoint(run_dir)
-            payload = (weights, state, torch.load(Path(run_dir) / CHECKPOINT / "optimizer.pt", weights_only=True))
+            payload = (weights, state, torch.load(Path(run_dir) / CHECKPOINT / "optimizer.pt",
+                                                        map_location="cpu", weights_only=True))
         except Exception as e:  # noqa: BLE001 - whatever it is, every rank must hear of it (or they wait forever)
             payload = e
     weights, state, rest = broadcast_from_main(payload, d)
@@ -432,6 +445,8 @@ class Supervised:
                  ranks: Callable[[torch.nn.Module, Dist], np.ndarray], d: Dist,
                  batches: Callable[[int], list[np.ndarray]] | None = None, keys: np.ndarray | None = None):
         self.model, self.data, self.cfg, self.ranks, self.d = model.to(d.device), data, cfg, ranks, d
+        if d.device.type == "cuda":  # TF32 for the fp32 matmuls left outside autocast: this task trains in bf16 anyway
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.lengths = (data >= 0).sum(1)
         self.global_lengths, self.local = (self.lengths, None) if keys is None else global_rows(keys, self.lengths, d)
         self.total_steps = math.ceil(len(self.global_lengths) / cfg.batch_size) * cfg.max_epochs

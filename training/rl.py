@@ -33,7 +33,7 @@ from genrec.core.config import RlConfig, VedConfig, load_preset
 from genrec.core.device import to_device
 from genrec.core.data import Split, load_dataset, train_pairs, train_sequences
 from genrec.evaluation import recommender_ranks
-from genrec.models.decoding import Trie, beam_search, sample
+from genrec.models.decoding import Trie, beam_search, noise_seeds, sample
 from genrec.models.grpo import combined_reward, group_advantages, k3_kl, policy_ratio_loss, sibling_advantages
 from genrec.models.loading import load_recommender, load_value_head
 from genrec.models.recommender import Recommender
@@ -75,15 +75,16 @@ class Rollouts:
 
 
 def draw_candidates(policy: Recommender, value_head: ValueHead, trie: Trie, history: torch.Tensor, cfg: RlConfig,
-                    ved: VedConfig, generator: torch.Generator, seed: int) -> torch.Tensor:
-    """(U, T) histories -> (U, G) candidate items, best first by the decoder's own score (-1 where fewer)."""
+                    ved: VedConfig, seeds: torch.Tensor, seed: int) -> torch.Tensor:
+    """(U, T) histories -> (U, G) candidate items, best first by the decoder's own score (-1 where fewer). seeds (U,):
+    each context's sampling noise (noise_seeds); seed: VED's."""
     g = cfg.group_size
     if cfg.rollout == "beam":
         return beam_search(policy, trie, history, g, g).items
     if cfg.rollout == "ved":
         return ved_decode(policy, value_head, trie, history, g, g, cfg.budget,
                           ved.model_copy(update={"seed": seed})).items
-    s = sample(policy, trie, history, g, cfg.temperature, generator)
+    s = sample(policy, trie, history, g, cfg.temperature, seeds=seeds)
     order = s.logp.argsort(1, descending=True)  # most probable first, so a rank means what it does for a beam
     return s.items.gather(1, order)
 
@@ -100,11 +101,11 @@ def candidate_paths(trie: Trie, items: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def make_rollouts(policy: Recommender, reference: Recommender, value_head: ValueHead, trie: Trie,
                   history: torch.Tensor, window: torch.Tensor, codes: torch.Tensor, vectors: torch.Tensor,
-                  cfg: RlConfig, ved: VedConfig, generator: torch.Generator, seed: int,
+                  cfg: RlConfig, ved: VedConfig, seeds: torch.Tensor, seed: int,
                   reward_weights: tuple[float, ...], discounts: tuple[float, ...] = (1.0,)) -> Rollouts:
     """window: (U, H) each context's next items (H = 1: the next-item reward; else the horizon reward), or (U,)."""
     window = window[:, None] if window.dim() == 1 else window
-    items = draw_candidates(policy, value_head, trie, history, cfg, ved, generator, seed)
+    items = draw_candidates(policy, value_head, trie, history, cfg, ved, seeds, seed)
     u, g = items.shape
     valid = items >= 0
     rewards = combined_reward(items, window, dict(cfg.rewards), vectors, discounts)
@@ -228,8 +229,9 @@ class RlTask:
         device = self.d.device
         r = make_rollouts(self.policy, self.reference, self.value_head, self.trie,
                           to_device(self.pairs.histories[rows], device), to_device(self.pairs.futures()[rows], device),
-                          self.codes, self.vectors, self.cfg, self.ved, torch.Generator(device).manual_seed(step_seed),
-                          step_seed, self.reward_weights, self.discounts)
+                          self.codes, self.vectors, self.cfg, self.ved,
+                          noise_seeds(self.cfg.seed, step, self.local_rows.global_index[rows]), step_seed,
+                          self.reward_weights, self.discounts)
         r = r.masked() if empty else r
         parts = rl_step(self.policy, self.value_head, self.optimizer, r, self.cfg, self.gamma, self.d)
         return {"loss": parts["grpo_loss"] + parts["sibling_loss"], **_rollout_stats(r), **parts}

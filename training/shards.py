@@ -27,6 +27,9 @@ class RowShard:
     def __init__(self, keys: np.ndarray, d: Dist):
         lengths, self.local = global_rows(keys, np.ones(len(keys), dtype=np.int64), d)
         self.n = len(lengths)
+        mine = np.flatnonzero(self.local >= 0)
+        self.global_index = np.empty(len(keys), dtype=np.int64)  # this rank's row -> its global row number
+        self.global_index[self.local[mine]] = mine
 
     def __call__(self, rows: np.ndarray) -> np.ndarray:
         mine = self.local[rows]

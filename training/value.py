@@ -23,7 +23,7 @@ from scipy.stats import rankdata
 from genrec.core.bundle import Bundle, update_bundle
 from genrec.core.config import RewardConfig, ValueConfig, load_preset
 from genrec.core.data import Split, load_dataset, train_pairs, train_sequences
-from genrec.models.decoding import Trie, sample
+from genrec.models.decoding import Trie, noise_seeds, sample
 from genrec.models.loading import load_recommender
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead, td_targets, window_level_rewards
@@ -43,18 +43,15 @@ class RolloutScorer:
         self.vectors = F.normalize(v, dim=1)
         self.codes = torch.as_tensor(codes, device=self.device)
 
-    def generator(self, seed: int) -> torch.Generator:
-        """The sampling noise, on the policy's device (a function of the seed on each device)."""
-        return torch.Generator(self.device).manual_seed(seed)
-
     @torch.no_grad()
-    def rollouts(self, history: torch.Tensor, window: torch.Tensor, generator: torch.Generator):
-        """history (U, T), window (U, H) each user's next items (-1 = none; H = 1: the target) -> prefix states
-        (R, D, d) and log-probabilities (R, D) of the sampled paths (position l: the prefix of l codes), their level
-        rewards against the window (R, D), and hit flags (R,): the rollout is an item of the window."""
+    def rollouts(self, history: torch.Tensor, window: torch.Tensor, seeds: torch.Tensor):
+        """history (U, T), window (U, H) each user's next items (-1 = none; H = 1: the target), seeds (U,) each
+        user's noise (noise_seeds) -> prefix states (R, D, d) and log-probabilities (R, D) of the sampled paths
+        (position l: the prefix of l codes), their level rewards against the window (R, D), and hit flags (R,): the
+        rollout is an item of the window."""
         n, depth = self.cfg.rollouts, self.trie.depth
         history, window = history.to(self.device), window.to(self.device)
-        s = sample(self.policy, self.trie, history, n, self.cfg.temperature, generator)
+        s = sample(self.policy, self.trie, history, n, self.cfg.temperature, seeds=seeds)
         codes, items = s.codes.view(-1, depth), s.items.view(-1)
         states, prefix_logp = s.states.flatten(0, 1), s.prefix_logp.view(-1, depth)
         window = window.repeat_interleave(n, 0)
@@ -104,9 +101,11 @@ class ValueTask:
         self.head.train()
         weight = float(len(rows) > 0)  # a rank may hold no row of a batch: it fits one at weight 0, DDP needs a step
         rows = rows if len(rows) else np.zeros(1, dtype=np.int64)
-        g = self.scorer.generator(self.cfg.seed * 1_000_003 + step)  # rollouts a function of the step
+        # Each row's rollouts are a function of (seed, step, the row's place among every rank's rows): a resumed run
+        # and any number of ranks draw what one uninterrupted process draws.
+        seeds = noise_seeds(self.cfg.seed, step, self.local_rows.global_index[rows])
         states, rewards, _ = self.scorer.rollouts(torch.as_tensor(self.histories[rows]),
-                                                  torch.as_tensor(self.windows[rows]), g)
+                                                  torch.as_tensor(self.windows[rows]), seeds)
         errors, _ = self.scorer.errors(self.forward, states, rewards)
         # The mean over the whole batch's errors: DDP averages the ranks' gradients, so each sum is scaled by world.
         total = torch.tensor([errors.numel() * weight, float(errors.detach().sum()) * weight], dtype=torch.float64,
@@ -121,19 +120,20 @@ class ValueTask:
 
     def validate(self) -> dict[str, float]:
         """On this rank's shard of a fixed sample of validation users, with a fixed seed; gathered over the ranks."""
-        return validate(self.scorer, self.head, self.valid.histories, self.valid.futures(), self.cfg.batch_size,
-                        self.cfg.seed, self.d)
+        return validate(self.scorer, self.head, self.valid, self.cfg.batch_size, self.cfg.seed, self.d)
 
 
 @torch.no_grad()
-def validate(scorer: RolloutScorer, head: ValueHead, histories: np.ndarray, windows: np.ndarray,
-             batch_size: int, seed: int, d: Dist = Dist()) -> dict:
-    g = scorer.generator(seed)
+def validate(scorer: RolloutScorer, head: ValueHead, split: Split, batch_size: int, seed: int,
+             d: Dist = Dist()) -> dict:
+    """The split's users (their windows: split.futures()), each with noise seeded by (seed, user id)."""
+    histories, windows = split.histories, split.futures()
     head.eval()
     losses, last, hits = [np.zeros(0)], [np.zeros(0, dtype=np.float32)], [np.zeros(0, dtype=bool)]
     for s in range(0, len(windows), batch_size):
         states, rewards, hit = scorer.rollouts(torch.as_tensor(histories[s: s + batch_size]),
-                                               torch.as_tensor(windows[s: s + batch_size]), g)
+                                               torch.as_tensor(windows[s: s + batch_size]),
+                                               noise_seeds(seed, split.users[s: s + batch_size]))
         loss, values = scorer.loss(head, states, rewards)
         losses.append(np.full(len(hit), float(loss)))
         last.append(values[:, -1].cpu().numpy())

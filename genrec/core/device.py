@@ -1,7 +1,8 @@
 """Where a command computes: `--device auto | cpu | cuda | cuda:N`, the same option on every command.
 
-CPU is one device among others: every path takes a device, and CUDA adds bf16 autocast (the weights, and so AdamW's
-master copy, stay fp32), TF32 matmuls and pinned, asynchronous host-to-device copies of the batches.
+CPU is one device among others: every path takes a device, and CUDA adds bf16 autocast for supervised training (the
+weights, and so AdamW's master copy, stay fp32; that task also turns TF32 on) and pinned, asynchronous host-to-device
+copies of the batches. Everything else (RL, the value head, decoding, serving) stays in exact fp32.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ DEVICE_HELP = "auto (CUDA when torch sees a GPU, else CPU), cpu, cuda or cuda:N"
 
 
 def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
-    """The device `spec` names on this machine. auto: CUDA when present, else CPU. A bare `cuda` under torchrun is
-    this rank's GPU (LOCAL_RANK), so one command line serves every rank; an explicit index is taken as given.
+    """The device `spec` names on this machine. auto: CUDA when there is a GPU for every rank on this machine, else
+    CPU. A bare `cuda` under torchrun is this rank's GPU (LOCAL_RANK), so one command line serves every rank; an
+    explicit index is taken as given outside torchrun.
     Raises ValueError, saying what to pass instead, for a device this machine does not have."""
     text = str(spec or "auto").strip().lower()
-    if text == "auto":
-        text = "cuda" if torch.cuda.is_available() else "cpu"
+    ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))  # torchrun's ranks on this machine
+    if text == "auto":  # a GPU per rank, or the CPU
+        text = "cuda" if torch.cuda.is_available() and ranks_here <= torch.cuda.device_count() else "cpu"
     try:
         device = torch.device(text)
     except (RuntimeError, ValueError):
@@ -33,13 +36,15 @@ def resolve_device(spec: str | torch.device | None = "auto") -> torch.device:
     if not torch.cuda.is_available():
         raise ValueError(f"--device {text}: torch sees no CUDA device on this machine; use --device cpu (or auto)")
     count = torch.cuda.device_count()
-    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0")) % count
+    if device.index is not None and ranks_here > 1:
+        raise ValueError(f"--device {text}: {ranks_here} ranks on this machine would share one GPU; pass --device "
+                         "cuda (each rank takes the GPU of its LOCAL_RANK)")
+    if ranks_here > count:
+        raise ValueError(f"--device {text}: {ranks_here} ranks on this machine but {count} GPU(s); start at most "
+                         f"{count} (--nproc_per_node), or pass --device cpu")
+    index = device.index if device.index is not None else int(os.environ.get("LOCAL_RANK", "0"))
     if index >= count:
         raise ValueError(f"--device {text}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}")
-    # TF32 for fp32 matmuls and convolutions: tensor-core speed, and our losses do not need more than its 10 mantissa
-    # bits (the bf16 autocast regions use fewer still).
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
     return torch.device("cuda", index)
 
 

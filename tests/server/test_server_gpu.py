@@ -10,7 +10,8 @@ from genrec.v1 import recommend_pb2
 from serverutil import running
 
 pytest_plugins = ["serverfixtures"]
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                  reason="needs a CUDA device and GENREC_GPU_TESTS=1")]
 
 
 def test_recommend_served_from_the_gpu_matches_the_cpu_server(served_bundle):
