@@ -89,7 +89,8 @@ class ServerConfig(Frozen):
     threads: int = Field(
         0, ge=0, le=1024, description="compute threads of torch, FAISS and ONNX Runtime; 0 = every core this "
         "process may use (`--workers N` gives each worker its share)")
-    device: str = Field("auto", description="device of the recommender, the embedder and (with faiss-gpu) the index: "
+    device: str = Field("auto", validate_default=True,
+                        description="device of the recommender, the embedder and (with faiss-gpu) the index: "
                         "auto (CUDA when present, else CPU), cpu, cuda or cuda:N")
     backend: Literal["torch", "onnx"] = Field(
         "torch", description="embedder runtime: torch, or onnx (onnxruntime on the bundle's embedder.onnx; see "

@@ -99,10 +99,10 @@ def test_a_version_published_mid_load_is_loaded_whole(bundles, monkeypatch):
     version = Bundle.load(path).manifest["version"]
     real, published = engine_module.load_search_index, []
 
-    def publishing_load(bundle):
+    def publishing_load(bundle, device="cpu"):
         if not published:
             published.append(update_bundle(path, {}, note="published mid-load"))
-        return real(bundle)
+        return real(bundle, device)
 
     monkeypatch.setattr(engine_module, "load_search_index", publishing_load)
     engine = Engine.load(path)
