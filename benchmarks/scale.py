@@ -85,6 +85,15 @@ def pct(x: np.ndarray, q: float) -> float:
     return round(float(np.percentile(x, q)), 2)
 
 
+def recommend_latency(call, requests: list, clients: int, seconds: float) -> dict:
+    """Recommend one call at a time (batch 1), then under `clients` concurrent callers: p50/p99 and RPS."""
+    lat, _ = latencies(call, requests, 1, seconds)
+    row = dict(recommend_b1_p50_ms=pct(lat, 50), recommend_b1_p99_ms=pct(lat, 99), recommend_b1_calls=len(lat))
+    lat, rps = latencies(call, requests, clients, seconds)
+    return {**row, "recommend_load_p50_ms": pct(lat, 50), "recommend_load_p99_ms": pct(lat, 99),
+            "recommend_load_rps": round(rps, 1), "load_clients": clients}
+
+
 def measure(n_items: int, users: int, steps: int, clients: int, seconds: float, work: Path, reuse: bool) -> dict:
     data, bundle = work / f"data-{n_items}", work / f"bundle-{n_items}"
     row: dict = {"items": n_items, "users": users}
@@ -124,11 +133,7 @@ def measure(n_items: int, users: int, steps: int, clients: int, seconds: float, 
         stubs = Stubs.of(channel)
         recommend = lambda r: stubs.recommend.Recommend(r, timeout=60)  # noqa: E731
         latencies(recommend, rec[:20], 1, 2.0)  # warm-up
-        lat, _ = latencies(recommend, rec, 1, seconds)
-        row.update(recommend_b1_p50_ms=pct(lat, 50), recommend_b1_p99_ms=pct(lat, 99), recommend_b1_calls=len(lat))
-        lat, rps = latencies(recommend, rec, clients, seconds)
-        row.update(recommend_load_p50_ms=pct(lat, 50), recommend_load_p99_ms=pct(lat, 99),
-                   recommend_load_rps=round(rps, 1), load_clients=clients)
+        row.update(recommend_latency(recommend, rec, clients, seconds))
         lat, _ = latencies(lambda r: stubs.search.Search(r, timeout=60), search, 1, seconds)
         row.update(search_p50_ms=pct(lat, 50), search_p99_ms=pct(lat, 99), search_calls=len(lat))
         row["server_rss_peak_mb"] = round(proc_mb(server.proc.pid, "VmHWM"))
