@@ -76,6 +76,16 @@ def init_distributed(device: str | torch.device = "cpu") -> Dist:
     return Dist(device=dev)
 
 
+def batch_mean(total: torch.Tensor, count: torch.Tensor | float, d: Dist) -> tuple[torch.Tensor, float]:
+    """This rank's loss summed over its `count` examples of a global batch -> the loss to backpropagate, scaled so that
+    DDP's average of the ranks' gradients is the gradient of the mean over the whole batch; and that mean, to log."""
+    stats = torch.stack([torch.as_tensor(count, dtype=torch.float64, device=total.device), total.detach().double()])
+    if d.world > 1:
+        dist.all_reduce(stats)
+    n = stats[0].clamp_min(1)
+    return total * (d.world / n).to(total.dtype), float(stats[1] / n)
+
+
 def _leave_process_group() -> None:
     """Leave the process group before the interpreter tears down: left to teardown, the backend's threads can outlive
     their objects and abort a rank whose work is done ("terminate called without an active exception")."""
@@ -486,10 +496,7 @@ class Supervised:
         loss = out["loss"].float()
         if self.local is not None and self.d.world > 1:  # the mean over the whole batch's pairs, on every rank
             pairs = torch.zeros((), device=loss.device) if empty else out["pairs"].to(loss.device).float()
-            total = torch.stack([pairs, loss.detach() * pairs])
-            dist.all_reduce(total)
-            loss = loss * pairs * self.d.world / total[0].clamp_min(1)  # DDP averages the ranks' gradients
-            shown = (total[1] / total[0].clamp_min(1)).item()
+            loss, shown = batch_mean(loss * pairs, pairs, self.d)
         else:
             shown = loss.item()
         self.optimizer.zero_grad(set_to_none=True)

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from scipy.stats import rankdata
 
@@ -27,8 +26,8 @@ from genrec.models.decoding import Trie, noise_seeds, sample
 from genrec.models.loading import load_recommender
 from genrec.models.recommender import Recommender
 from genrec.models.value import ValueHead, td_targets, window_level_rewards
-from genrec.training.loop import (Dist, LoopConfig, gather_ranks, init_distributed, load_best, random_batches, run,
-                                  run_summary)
+from genrec.training.loop import (Dist, LoopConfig, batch_mean, gather_ranks, init_distributed, load_best,
+                                  random_batches, run, run_summary)
 from genrec.training.shards import RowShard, row_keys, validation_shard
 
 
@@ -107,16 +106,11 @@ class ValueTask:
         states, rewards, _ = self.scorer.rollouts(torch.as_tensor(self.histories[rows]),
                                                   torch.as_tensor(self.windows[rows]), seeds)
         errors, _ = self.scorer.errors(self.forward, states, rewards)
-        # The mean over the whole batch's errors: DDP averages the ranks' gradients, so each sum is scaled by world.
-        total = torch.tensor([errors.numel() * weight, float(errors.detach().sum()) * weight], dtype=torch.float64,
-                             device=errors.device)
-        if self.d.world > 1:
-            dist.all_reduce(total)
-        loss = errors.sum() * (weight * self.d.world / float(total[0]))
+        loss, shown = batch_mean(errors.sum() * weight, errors.numel() * weight, self.d)  # the whole batch's mean
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": float(total[1] / total[0])}
+        return {"loss": shown}
 
     def validate(self) -> dict[str, float]:
         """On this rank's shard of a fixed sample of validation users, with a fixed seed; gathered over the ranks."""
